@@ -1,0 +1,194 @@
+"""The Llama-family transformer forward pass: token ids in, next-token logits out.
+
+One function per equation, in the order a token meets them: embed, then for each block
+RMSNorm -> attention with RoPE -> residual, RMSNorm -> SwiGLU MLP -> residual, then a final
+RMSNorm and the output head. The flags that tell the architectures apart (qkv_bias, o_bias,
+mlp_bias, tie_word_embeddings, sliding_window, rope_scaling) come from config.json; see config.py.
+
+Several sequences can share one call: their tokens are stacked into one [N, D] matrix, so every
+weight is read once per step for all of them, while attention runs per sequence against that
+sequence's own KV cache. A single sequence is simply a batch of one.
+
+Dimension letters: N tokens in this call (all sequences), T tokens of one sequence, S keys
+(cached + new), D model width, H query heads, Hkv key/value heads, G = H / Hkv, Dh head width,
+F feed-forward width, V vocabulary, B sequences.
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from refimpl.config import ModelConfig
+from refimpl.kv_cache import KVCache
+from refimpl.weights import load_weights
+from refimpl.xp import namespace
+
+
+@dataclass
+class Model:
+    config: ModelConfig
+    weights: object  # weights.Weights
+    xp: object  # the array namespace
+    inv_freq: object  # [Dh/2] RoPE inverse frequencies
+
+    def new_cache(self, capacity):
+        return KVCache(self.xp, self.config, capacity)
+
+
+def load_model(path, device="cpu", xp=None):
+    """Load config.json and the safetensors weights of an HF-layout directory.
+
+    `device` picks the array namespace; `xp` overrides it (the tests pass array_api_strict).
+    """
+    xp = xp or namespace(device)
+    config = ModelConfig.from_dir(path)
+    weights = load_weights(Path(path), config, xp)
+    return Model(config, weights, xp, xp.asarray(rope_inverse_frequencies(config)))
+
+
+def rope_inverse_frequencies(cfg):
+    """RoPE's per-pair rotation speeds theta^(-2i/Dh), with llama3 rescaling when configured.
+
+    Computed in float32 exactly as transformers does, so that angles at long positions agree
+    to the last bit rather than drifting by float64-vs-float32 rounding.
+    """
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    # Llama 3.1: leave high frequencies alone, divide low ones by `factor`, blend in between.
+    old_len, factor = s["original_max_position_embeddings"], s["factor"]
+    low_freq_wavelen = old_len / s["low_freq_factor"]
+    high_freq_wavelen = old_len / s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rms_norm(xp, x, weight, eps):
+    # Scale each row to unit root-mean-square, then by a learned gain: no mean, no bias.
+    return x * (1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)) * weight  # [N, D]
+
+
+def linear(x, w, name, bias):
+    """x @ W.T (+ b) with the checkpoint's [out, in] weight named `name`."""
+    y = x @ w[name + ".weight"].T
+    return y + w[name + ".bias"] if bias else y
+
+
+def rope_cos_sin(xp, inv_freq, positions):
+    """cos and sin of each position's rotation angles, laid out for rotate_half."""
+    angles = xp.astype(positions, xp.float32)[:, None] * inv_freq[None, :]  # [N, Dh/2]
+    angles = xp.concat([angles, angles], axis=-1)  # [N, Dh]
+    return xp.cos(angles)[:, None, :], xp.sin(angles)[:, None, :]  # [N, 1, Dh] each
+
+
+def rope(xp, x, cos, sin):
+    """Rotate each (i, i + Dh/2) pair of x by its position's angle (HF's rotate-half layout)."""
+    half = x.shape[-1] // 2
+    rotated = xp.concat([-x[..., half:], x[..., :half]], axis=-1)  # [N, H, Dh]
+    return x * cos + rotated * sin
+
+
+def softmax(xp, x):
+    # Subtract the row maximum so exp never overflows; masked entries are -inf and become 0.
+    e = xp.exp(x - xp.max(x, axis=-1, keepdims=True))
+    return e / xp.sum(e, axis=-1, keepdims=True)
+
+
+def attention(xp, q, k, v, q_pos, k_pos, window):
+    """Causal scaled dot-product attention of one sequence, grouped-query style.
+
+    q [T, H, Dh] at positions q_pos [T]; k, v [Hkv, S, Dh] at positions k_pos [S]. Query head h
+    reads key/value head h // G, so the G query heads of a group are stacked as extra rows of
+    one matrix product instead of copying the keys G times.
+    """
+    T, H, Dh = q.shape
+    Hkv, S, _ = k.shape
+    G = H // Hkv
+    q = xp.reshape(xp.permute_dims(q, (1, 0, 2)), (Hkv, G * T, Dh))  # [T, H, Dh] -> [Hkv, G*T, Dh]
+    scores = (q @ xp.matrix_transpose(k)) * (1.0 / math.sqrt(Dh))  # [Hkv, G*T, S]
+    visible = k_pos[None, :] <= q_pos[:, None]  # [T, S] causal: never a later position
+    if window is not None:
+        visible = visible & (q_pos[:, None] - k_pos[None, :] < window)  # only the last `window` keys
+    # -inf, not a large negative number: exp(-inf) is exactly 0, so hidden keys get no weight at all.
+    scores = xp.where(visible, xp.reshape(scores, (Hkv, G, T, S)), -math.inf)  # [Hkv, G, T, S]
+    probs = xp.reshape(softmax(xp, scores), (Hkv, G * T, S))
+    out = xp.reshape(probs @ v, (H, T, Dh))  # [Hkv, G*T, Dh] -> [H, T, Dh]
+    return xp.reshape(xp.permute_dims(out, (1, 0, 2)), (T, H * Dh))  # [T, H*Dh]
+
+
+def self_attention(xp, cfg, w, layer, x, cos, sin, positions, spans):
+    """Project to q, k, v, rotate, write k/v to each sequence's cache, attend, project back."""
+    N = x.shape[0]
+    q = xp.reshape(linear(x, w, "self_attn.q_proj", cfg.qkv_bias), (N, cfg.num_attention_heads, cfg.head_dim))
+    k = xp.reshape(linear(x, w, "self_attn.k_proj", cfg.qkv_bias), (N, cfg.num_key_value_heads, cfg.head_dim))
+    v = xp.reshape(linear(x, w, "self_attn.v_proj", cfg.qkv_bias), (N, cfg.num_key_value_heads, cfg.head_dim))
+    q, k = rope(xp, q, cos, sin), rope(xp, k, cos, sin)
+    outs = []
+    for lo, hi, cache in spans:  # rows lo..hi-1 belong to the sequence whose cache this is
+        start = cache.length
+        keys, values = cache.write(xp, layer, start, k[lo:hi], v[lo:hi])  # [Hkv, S, Dh] each
+        k_pos = xp.arange(keys.shape[1])
+        outs.append(attention(xp, q[lo:hi], keys, values, positions[lo:hi], k_pos, cfg.sliding_window))
+    out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)  # [N, H*Dh]
+    return linear(out, w, "self_attn.o_proj", cfg.o_bias)  # [N, D]
+
+
+def silu(xp, x):
+    return x / (1.0 + xp.exp(-x))
+
+
+def mlp(xp, cfg, w, x):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    gate = linear(x, w, "mlp.gate_proj", cfg.mlp_bias)  # [N, F]
+    up = linear(x, w, "mlp.up_proj", cfg.mlp_bias)  # [N, F]
+    return linear(silu(xp, gate) * up, w, "mlp.down_proj", cfg.mlp_bias)  # [N, D]
+
+
+def block(xp, cfg, w, layer, x, cos, sin, positions, spans):
+    """One transformer block with pre-normalisation and residual connections."""
+    x = x + self_attention(xp, cfg, w, layer, rms_norm(xp, x, w["input_layernorm.weight"], cfg.rms_norm_eps),
+                           cos, sin, positions, spans)
+    return x + mlp(xp, cfg, w, rms_norm(xp, x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps))
+
+
+def forward(model, tokens, caches, all_logits=False):
+    """Run new tokens of one or more sequences through the model, extending their caches.
+
+    tokens: one list of token ids per sequence; caches: that sequence's KVCache, whose `length`
+    says how many positions came before. Returns logits [B, V] for the last token of each
+    sequence, or [N, V] for every token when `all_logits` (scoring a prompt).
+    """
+    xp, cfg, W = model.xp, model.config, model.weights
+    spans, positions, lo = [], [], 0
+    for ids, cache in zip(tokens, caches, strict=True):
+        spans.append((lo, lo + len(ids), cache))
+        positions.append(xp.arange(cache.length, cache.length + len(ids)))
+        lo += len(ids)
+    positions = positions[0] if len(positions) == 1 else xp.concat(positions)  # [N]
+    ids = xp.asarray([t for seq in tokens for t in seq], dtype=xp.int64)  # [N]
+    cos, sin = rope_cos_sin(xp, model.inv_freq, positions)
+
+    x = xp.take(W.embed_tokens, ids, axis=0)  # [N, D]
+    for layer, w in enumerate(W.layers):
+        x = block(xp, cfg, w, layer, x, cos, sin, positions, spans)
+    for ids_, cache in zip(tokens, caches):
+        cache.length += len(ids_)
+
+    if not all_logits:  # only the last position of each sequence predicts its next token
+        x = xp.take(x, xp.asarray([hi - 1 for _, hi, _ in spans]), axis=0)  # [B, D]
+    x = rms_norm(xp, x, W.norm, cfg.rms_norm_eps)
+    return x @ W.lm_head.T  # [B, V] or [N, V]
+
+
+def log_softmax(xp, logits):
+    """Log-probabilities of logits [..., V], computed stably in one place."""
+    shifted = logits - xp.max(logits, axis=-1, keepdims=True)
+    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))

@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="refimpl",
+    version="0.1.0",
+    description="A readable reference implementation of LLM inference, with an OpenAI-compatible server",
+    python_requires=">=3.10",
+    packages=find_packages(include=["refimpl", "refimpl.*", "webapp", "webapp.*"]),
+    include_package_data=True,
+    install_requires=[
+        "numpy>=1.26",
+        "array-api-compat>=1.9",
+        "tokenizers>=0.19",
+        "safetensors>=0.4.3",
+        "jinja2>=3.1",
+        "gguf>=0.10",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        # The GPU path: the same code with CuPy as the array namespace.
+        "cupy": ["cupy-cuda12x>=13"],
+        # Only `make golden` and the benchmark's comparison need PyTorch and transformers.
+        # torch is pinned: an open range pulls a multi-GB CUDA build on machines without a GPU.
+        "golden": ["torch==2.13.0", "transformers>=4.46", "accelerate>=0.26", "gguf>=0.10"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "array-api-strict>=2.0"],
+    },
+    entry_points={"console_scripts": ["refimpl = refimpl.cli:main"]},
+)

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server built on refimpl (see the server issue)."""
