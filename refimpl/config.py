@@ -56,9 +56,7 @@ class ModelConfig:
         rope_theta, rope_scaling = _rope(c)
         heads = c["num_attention_heads"]
         attention_bias = bool(c.get("attention_bias", False))
-        window = c.get("sliding_window")
-        if not c.get("use_sliding_window", True):  # Qwen2 carries a window it does not use
-            window = None
+        window = _sliding_window(c, model_type)
         return cls(
             model_type=model_type,
             vocab_size=c["vocab_size"],
@@ -85,6 +83,26 @@ class ModelConfig:
     @classmethod
     def from_dir(cls, path):
         return cls.from_dict(json.loads((Path(path) / "config.json").read_text()))
+
+
+def _sliding_window(c, model_type):
+    """The attention window shared by every layer, or None for full causal attention."""
+    window = c.get("sliding_window")
+    if model_type == "qwen2" and not c.get("use_sliding_window", False):
+        window = None  # Qwen2 configs carry a window that is used only when use_sliding_window is set
+    if model_type == "qwen2" and window is not None:
+        # Qwen2 slides the window only in layers from max_window_layers on.
+        first = c.get("max_window_layers", 0)
+        if first >= c["num_hidden_layers"]:
+            window = None
+        elif first > 0:
+            raise ConfigError("Qwen2 with sliding attention in only some layers (max_window_layers) is not supported")
+    kinds = set(c.get("layer_types") or [])
+    if len(kinds) > 1:
+        raise ConfigError(f"layers of different attention kinds {sorted(kinds)} (layer_types) are not supported")
+    if kinds == {"full_attention"}:
+        window = None
+    return window
 
 
 def _rope(c):

@@ -134,9 +134,9 @@ def self_attention(xp, cfg, w, layer, x, cos, sin, positions, spans):
     outs = []
     for lo, hi, cache in spans:  # rows lo..hi-1 belong to the sequence whose cache this is
         start = cache.length
-        keys, values = cache.write(xp, layer, start, k[lo:hi], v[lo:hi])  # [Hkv, S, Dh] each
+        keys, values = cache.write(xp, layer, start, k[lo:hi, ...], v[lo:hi, ...])  # [Hkv, S, Dh] each
         k_pos = xp.arange(keys.shape[1])
-        outs.append(attention(xp, q[lo:hi], keys, values, positions[lo:hi], k_pos, cfg.sliding_window))
+        outs.append(attention(xp, q[lo:hi, ...], keys, values, positions[lo:hi], k_pos, cfg.sliding_window))
     out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)  # [N, H*Dh]
     return linear(out, w, "self_attn.o_proj", cfg.o_bias)  # [N, D]
 

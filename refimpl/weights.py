@@ -97,7 +97,10 @@ def load_weights(path, cfg, xp):
     """Read, check and move to the device every tensor of the checkpoint in `path`."""
     tensors = {}
     for file in safetensors_files(path):
-        tensors |= read_tensors(file)
+        shard = read_tensors(file)
+        if twice := sorted(set(shard) & set(tensors)):
+            raise WeightsError(f"tensor {twice[0]} appears in more than one file (again in {file.name})")
+        tensors |= shard
     expected = expected_shapes(cfg)
     for name, shape in expected.items():
         if name not in tensors:

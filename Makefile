@@ -1,0 +1,55 @@
+# refimpl: `make serve` to run the default model, `make test` to run the suite.
+# Every target creates the virtual environment it needs in $(VENV) on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PORT ?= 8080
+HOST ?= 127.0.0.1
+PROMPT ?= Explain in two sentences what a transformer language model does.
+
+.PHONY: serve test golden bench pull install clean
+
+# Start refimpl on the default model (fetched and converted once into ~/.cache/refimpl).
+serve: $(VENV)/.installed
+	$(PY) -m refimpl pull
+	$(PY) -m refimpl generate --chat --max-tokens 128 "$(PROMPT)"
+
+# Install everything the tests need and run the whole suite.
+test: $(VENV)/.installed-test
+	$(PY) -m refimpl pull
+	$(PY) -m pytest
+
+# Regenerate golden/ with Hugging Face transformers (installs torch, CPU build, and transformers).
+golden: $(VENV)/.installed-golden
+	$(PY) golden/make_golden_tokenizer.py
+	$(PY) golden/make_golden_logprobs.py
+
+# Measure refimpl's speed beside transformers in the same run (installs them for the comparison).
+bench: $(VENV)/.installed-golden
+	$(PY) bench/bench_forward.py
+
+# Fetch and convert the default model into the cache without doing anything else.
+pull: $(VENV)/.installed
+	$(PY) -m refimpl pull
+
+# Create the virtual environment and install refimpl into it (editable).
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+$(VENV)/.installed-golden: $(VENV)/.installed-test
+	$(PY) -m pip install --quiet -e '.[golden]'
+	touch $@
+
+# Remove the virtual environment and caches (the model cache in ~/.cache/refimpl stays).
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

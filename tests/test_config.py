@@ -1,0 +1,109 @@
+"""ModelConfig.from_dict: the architecture flags read from config.json, and what is refused."""
+
+import numpy as np
+import pytest
+
+from refimpl.config import ConfigError, ModelConfig
+from refimpl.model import rope_inverse_frequencies
+
+BASE = dict(model_type="llama", vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=131072)
+# Llama 3.1's own values: with head_dim 128 they put frequencies in all three regimes
+# (kept, divided by `factor`, smoothly blended).
+LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("rope_keys", [
+    {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", **LLAMA3}},  # transformers 4
+    {"rope_theta": 500000.0, "rope_scaling": {"type": "llama3", **LLAMA3}},  # older key for the type
+    {"rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", **LLAMA3}},  # transformers 5
+], ids=["rope_scaling", "rope_scaling-type", "rope_parameters"])
+def test_llama3_rope_read_from_every_form(rope_keys):
+    cfg = ModelConfig.from_dict(BASE | rope_keys)
+    assert cfg.rope_theta == 500000.0
+    assert cfg.rope_scaling == {"rope_type": "llama3", **LLAMA3}
+
+
+@pytest.mark.parametrize("rope_keys, theta", [
+    ({"rope_theta": 1e6}, 1e6),
+    ({"rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}}, 1e6),
+    ({}, 10000.0),  # Llama's default base when config.json says nothing
+], ids=["rope_theta", "rope_parameters", "absent"])
+def test_plain_rope_has_no_scaling(rope_keys, theta):
+    cfg = ModelConfig.from_dict(BASE | rope_keys)
+    assert (cfg.rope_theta, cfg.rope_scaling) == (theta, None)
+
+
+@pytest.mark.parametrize("model_type, extra, qkv_bias, o_bias", [
+    ("qwen2", {}, True, False),  # Qwen2 always has q/k/v biases, never an o bias
+    ("llama", {}, False, False),
+    ("llama", {"attention_bias": True}, True, True),
+    ("mistral", {}, False, False),
+])
+def test_attention_biases(model_type, extra, qkv_bias, o_bias):
+    cfg = ModelConfig.from_dict(BASE | {"model_type": model_type} | extra)
+    assert (cfg.qkv_bias, cfg.o_bias) == (qkv_bias, o_bias)
+
+
+def test_qwen2_unused_window_is_dropped_mistral_keeps_its_own():
+    qwen2 = ModelConfig.from_dict(BASE | {"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": False})
+    mistral = ModelConfig.from_dict(BASE | {"model_type": "mistral", "sliding_window": 4096})
+    assert qwen2.sliding_window is None
+    assert mistral.sliding_window == 4096
+
+
+@pytest.mark.parametrize("extra, window", [
+    ({}, None),  # transformers' Qwen2Config defaults use_sliding_window to False
+    ({"use_sliding_window": True, "max_window_layers": 0}, 4096),  # every layer slides
+    ({"use_sliding_window": True, "max_window_layers": 2}, None),  # sliding starts after the last layer
+])
+def test_qwen2_window_follows_use_sliding_window_and_max_window_layers(extra, window):
+    cfg = ModelConfig.from_dict(BASE | {"model_type": "qwen2", "sliding_window": 4096} | extra)
+    assert cfg.sliding_window == window
+
+
+@pytest.mark.parametrize("extra", [
+    {"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 1},
+    {"model_type": "mistral", "layer_types": ["full_attention", "sliding_attention"]},
+])
+def test_mixed_full_and_sliding_layers_are_refused(extra):
+    with pytest.raises(ConfigError, match="some layers|layer_types"):
+        ModelConfig.from_dict(BASE | {"sliding_window": 4096} | extra)
+
+
+def test_head_dim_defaults_to_width_over_heads_unless_given():
+    assert ModelConfig.from_dict(BASE).head_dim == 64 // 4
+    assert ModelConfig.from_dict(BASE | {"head_dim": 32}).head_dim == 32
+
+
+@pytest.mark.parametrize("change, value", [
+    ({"model_type": "gemma"}, "gemma"),
+    ({"hidden_act": "gelu_pytorch_tanh"}, "gelu_pytorch_tanh"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+    ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "linear", "factor": 2.0}}, "linear"),
+], ids=["model_type", "hidden_act", "rope_scaling", "rope_parameters"])
+def test_unsupported_values_are_refused_by_name(change, value):
+    with pytest.raises(ConfigError, match=f"'{value}'"):
+        ModelConfig.from_dict(BASE | change)
+
+
+@pytest.mark.parametrize("rope_type", ["default", "llama3"])
+def test_rope_inverse_frequencies_equal_transformers(rope_type):
+    pytest.importorskip("transformers", reason="transformers is the reference here; it is not a runtime dependency")
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    keys = {"rope_theta": 500000.0, "head_dim": 128}
+    if rope_type == "llama3":
+        keys["rope_scaling"] = {"rope_type": "llama3", **LLAMA3}
+    ours = rope_inverse_frequencies(ModelConfig.from_dict(BASE | keys))
+    hf_config = LlamaConfig(**(BASE | keys))
+    if rope_type == "llama3":
+        init = ROPE_INIT_FUNCTIONS["llama3"]
+    else:  # transformers 4 lists "default"; transformers 5 moved it onto the rotary embedding class
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        init = ROPE_INIT_FUNCTIONS.get("default") or LlamaRotaryEmbedding.compute_default_rope_parameters
+    theirs, _ = init(hf_config)
+    assert ours.dtype == np.float32
+    np.testing.assert_array_equal(ours, theirs.numpy())  # bit for bit: both compute in float32

@@ -1,0 +1,126 @@
+"""The safetensors loader: strict about names and shapes, clear about unreadable files, exact in dtype.
+
+Broken checkpoints are made by copying a tiny golden model to a temporary directory and rewriting
+its tensors; every failure must be a WeightsError that names the tensor (or the file).
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+from safetensors.torch import save_file as save_torch_file
+
+from refimpl.model import forward, load_model
+from refimpl.weights import WeightsError, read_tensors
+
+from conftest import GOLDEN
+
+UNTIED = GOLDEN / "tiny" / "llama-untied"  # has biases and an lm_head: the most tensors to get wrong
+TIED = GOLDEN / "tiny" / "llama-rope-scaling"
+
+
+def checkpoint(tmp_path, source=UNTIED, edit=lambda tensors: None):
+    """A copy of `source` whose model.safetensors holds its tensors after `edit(tensors)`."""
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    tensors = read_tensors(source / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, tmp_path / "model.safetensors")
+    return tmp_path
+
+
+def last_logits(model):
+    return np.asarray(forward(model, [[5, 17, 3, 250]], [model.new_cache(4)]))
+
+
+def test_missing_tensor_is_named(tmp_path):
+    path = checkpoint(tmp_path, edit=lambda t: t.pop("model.layers.1.self_attn.o_proj.bias"))
+    with pytest.raises(WeightsError, match=r"tensor model\.layers\.1\.self_attn\.o_proj\.bias is missing"):
+        load_model(path)
+
+
+def test_extra_tensor_is_named(tmp_path):
+    path = checkpoint(tmp_path, edit=lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)}))
+    with pytest.raises(WeightsError, match=r"unexpected tensor model\.layers\.0\.self_attn\.rotary_emb\.inv_freq"):
+        load_model(path)
+
+
+def test_misshaped_tensor_is_named_with_both_shapes(tmp_path):
+    def transpose_gate(t):
+        t["model.layers.0.mlp.gate_proj.weight"] = np.ascontiguousarray(t["model.layers.0.mlp.gate_proj.weight"].T)
+
+    path = checkpoint(tmp_path, edit=transpose_gate)
+    with pytest.raises(WeightsError, match=r"tensor model\.layers\.0\.mlp\.gate_proj\.weight has shape \[64, 128\], expected \[128, 64\]"):
+        load_model(path)
+
+
+def test_unsupported_dtype_is_named(tmp_path):
+    def to_int32(t):
+        t["model.norm.weight"] = t["model.norm.weight"].astype(np.int32)
+
+    path = checkpoint(tmp_path, edit=to_int32)
+    with pytest.raises(WeightsError, match=r"tensor model\.norm\.weight: dtype I32 is not supported"):
+        load_model(path)
+
+
+def test_truncated_file_is_an_error_naming_the_file(tmp_path):
+    path = checkpoint(tmp_path)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[:len(data) - 1000])
+    with pytest.raises(WeightsError, match=r"model\.safetensors: cannot read as safetensors"):
+        load_model(path)
+
+
+def test_garbage_file_is_an_error_naming_the_file(tmp_path):
+    path = checkpoint(tmp_path)
+    (path / "model.safetensors").write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(WeightsError, match=r"model\.safetensors: cannot read as safetensors"):
+        load_model(path)
+
+
+def test_pickled_checkpoint_is_never_read(tmp_path):
+    shutil.copy(UNTIED / "config.json", tmp_path / "config.json")
+    # Not a pickle at all: were the loader to try unpickling, this would raise something else.
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle \x00\xff" * 64)
+    with pytest.raises(WeightsError, match=r"pytorch_model\.bin are never read"):
+        load_model(tmp_path)
+
+
+def test_sharded_checkpoint_loads_like_the_single_file(tmp_path):
+    tensors = read_tensors(UNTIED / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    shutil.copy(UNTIED / "config.json", sharded / "config.json")
+    for shard, shard_names in shards.items():
+        save_file({n: tensors[n] for n in shard_names}, sharded / shard)
+    weight_map = {n: shard for shard, shard_names in shards.items() for n in shard_names}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    np.testing.assert_array_equal(last_logits(load_model(sharded)), last_logits(load_model(UNTIED)))
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.bfloat16, "BF16"), (torch.float16, "F16")])
+def test_half_precision_widens_exactly_like_torch(tmp_path, dtype, name):
+    # Every one of the 65536 bit patterns: normals, subnormals, zeros of both signs, infinities, NaNs.
+    every_value = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(256, 256)
+    save_torch_file({"x": every_value}, tmp_path / "half.safetensors")
+    with open(tmp_path / "half.safetensors", "rb") as f:  # the file really stores the half dtype
+        assert json.loads(f.read(int.from_bytes(f.read(8), "little")))["x"]["dtype"] == name
+    ours = read_tensors(tmp_path / "half.safetensors")["x"]
+    assert ours.dtype == np.float32 and ours.shape == (256, 256)
+    theirs = every_value.float().numpy()
+    # Every number bit for bit. NaNs stay NaN, but not always bit for bit: for F16 signalling NaNs,
+    # torch sets the quiet bit and NumPy's conversion keeps the payload as it is.
+    nan = np.isnan(theirs)
+    np.testing.assert_array_equal(np.isnan(ours), nan)
+    np.testing.assert_array_equal(ours[~nan].view(np.uint32), theirs[~nan].view(np.uint32))
+
+
+def test_tied_head_is_the_embedding_array_itself():
+    model = load_model(TIED)
+    assert model.config.tie_word_embeddings
+    assert model.weights.lm_head is model.weights.embed_tokens  # one [V, D] matrix in memory, not two
