@@ -102,12 +102,31 @@ def softmax(xp, x):
     return e / xp.sum(e, axis=-1, keepdims=True)
 
 
-def attention(xp, q, k, v, q_pos, k_pos, window):
-    """Causal scaled dot-product attention of one sequence, grouped-query style.
+# Queries are attended in blocks of this many rows: the [H, T, S] score matrix of a long prompt
+# would not fit in memory (8192 tokens: 2.4 GB per layer), and each block skips the keys after
+# its last query, which the causal mask would hide anyway.
+QUERY_BLOCK = 128
 
-    q [T, H, Dh] at positions q_pos [T]; k, v [Hkv, S, Dh] at positions k_pos [S]. Query head h
-    reads key/value head h // G, so the G query heads of a group are stacked as extra rows of
-    one matrix product instead of copying the keys G times.
+
+def attention(xp, q, k, v, start, window):
+    """Causal attention of one sequence's queries q [T, H, Dh], at positions start..start+T-1,
+    over its keys and values k, v [Hkv, S, Dh] at positions 0..S-1 (S = start + T)."""
+    T = q.shape[0]
+    outs = []
+    for i in range(0, T, QUERY_BLOCK):
+        j = min(i + QUERY_BLOCK, T)
+        k_lo = 0 if window is None else max(0, start + i - window + 1)  # first key any query here sees
+        k_hi = start + j  # one past the last key the last query here sees
+        q_pos, k_pos = xp.arange(start + i, start + j), xp.arange(k_lo, k_hi)
+        outs.append(attention_block(xp, q[i:j, ...], k[:, k_lo:k_hi, :], v[:, k_lo:k_hi, :], q_pos, k_pos, window))
+    return outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)  # [T, H*Dh]
+
+
+def attention_block(xp, q, k, v, q_pos, k_pos, window):
+    """Scaled dot-product attention of queries q [T, H, Dh] over k, v [Hkv, S, Dh], grouped-query style.
+
+    Query head h reads key/value head h // G, so the G query heads of a group are stacked as
+    extra rows of one matrix product instead of copying the keys G times.
     """
     T, H, Dh = q.shape
     Hkv, S, _ = k.shape
@@ -124,7 +143,7 @@ def attention(xp, q, k, v, q_pos, k_pos, window):
     return xp.reshape(xp.permute_dims(out, (1, 0, 2)), (T, H * Dh))  # [T, H*Dh]
 
 
-def self_attention(xp, cfg, w, layer, x, cos, sin, positions, spans):
+def self_attention(xp, cfg, w, layer, x, cos, sin, spans):
     """Project to q, k, v, rotate, write k/v to each sequence's cache, attend, project back."""
     N = x.shape[0]
     q = xp.reshape(linear(x, w, "self_attn.q_proj", cfg.qkv_bias), (N, cfg.num_attention_heads, cfg.head_dim))
@@ -135,8 +154,7 @@ def self_attention(xp, cfg, w, layer, x, cos, sin, positions, spans):
     for lo, hi, cache in spans:  # rows lo..hi-1 belong to the sequence whose cache this is
         start = cache.length
         keys, values = cache.write(xp, layer, start, k[lo:hi, ...], v[lo:hi, ...])  # [Hkv, S, Dh] each
-        k_pos = xp.arange(keys.shape[1])
-        outs.append(attention(xp, q[lo:hi, ...], keys, values, positions[lo:hi], k_pos, cfg.sliding_window))
+        outs.append(attention(xp, q[lo:hi, ...], keys, values, start, cfg.sliding_window))
     out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)  # [N, H*Dh]
     return linear(out, w, "self_attn.o_proj", cfg.o_bias)  # [N, D]
 
@@ -152,10 +170,10 @@ def mlp(xp, cfg, w, x):
     return linear(silu(xp, gate) * up, w, "mlp.down_proj", cfg.mlp_bias)  # [N, D]
 
 
-def block(xp, cfg, w, layer, x, cos, sin, positions, spans):
+def block(xp, cfg, w, layer, x, cos, sin, spans):
     """One transformer block with pre-normalisation and residual connections."""
     x = x + self_attention(xp, cfg, w, layer, rms_norm(xp, x, w["input_layernorm.weight"], cfg.rms_norm_eps),
-                           cos, sin, positions, spans)
+                           cos, sin, spans)
     return x + mlp(xp, cfg, w, rms_norm(xp, x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps))
 
 
@@ -178,9 +196,9 @@ def forward(model, tokens, caches, all_logits=False):
 
     x = xp.take(W.embed_tokens, ids, axis=0)  # [N, D]
     for layer, w in enumerate(W.layers):
-        x = block(xp, cfg, w, layer, x, cos, sin, positions, spans)
-    for ids_, cache in zip(tokens, caches):
-        cache.length += len(ids_)
+        x = block(xp, cfg, w, layer, x, cos, sin, spans)
+    for lo, hi, cache in spans:
+        cache.length += hi - lo
 
     if not all_logits:  # only the last position of each sequence predicts its next token
         x = xp.take(x, xp.asarray([hi - 1 for _, hi, _ in spans]), axis=0)  # [B, D]
