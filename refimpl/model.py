@@ -96,12 +96,6 @@ def rope(xp, x, cos, sin):
     return x * cos + rotated * sin
 
 
-def softmax(xp, x):
-    # Subtract the row maximum so exp never overflows; masked entries are -inf and become 0.
-    e = xp.exp(x - xp.max(x, axis=-1, keepdims=True))
-    return e / xp.sum(e, axis=-1, keepdims=True)
-
-
 # Queries are attended in blocks of this many rows: the [H, T, S] score matrix of a long prompt
 # would not fit in memory (8192 tokens: 2.4 GB per layer), and each block skips the keys after
 # its last query, which the causal mask would hide anyway.
@@ -126,29 +120,36 @@ def attention_block(xp, q, k, v, q_pos, k_pos, window):
     """Scaled dot-product attention of queries q [T, H, Dh] over k, v [Hkv, S, Dh], grouped-query style.
 
     Query head h reads key/value head h // G, so the G query heads of a group are stacked as
-    extra rows of one matrix product instead of copying the keys G times.
+    extra rows of one matrix product instead of copying the keys G times. The work here is
+    passes over the [T, S] score rows, so two are saved: q is scaled before the product
+    (T x Dh values instead of T x S), and the softmax's division by its sum is applied to the
+    [T, Dh] output rather than to the [T, S] weights (flash attention normalises the same way).
     """
     T, H, Dh = q.shape
     Hkv, S, _ = k.shape
     G = H // Hkv
-    q = xp.reshape(xp.permute_dims(q, (1, 0, 2)), (Hkv, G * T, Dh))  # [T, H, Dh] -> [Hkv, G*T, Dh]
-    scores = (q @ xp.matrix_transpose(k)) * (1.0 / math.sqrt(Dh))  # [Hkv, G*T, S]
+    q = xp.reshape(xp.permute_dims(q, (1, 0, 2)), (Hkv, G * T, Dh)) * (1.0 / math.sqrt(Dh))  # [Hkv, G*T, Dh]
+    scores = xp.reshape(q @ xp.matrix_transpose(k), (Hkv, G, T, S))  # [Hkv, G, T, S]
     visible = k_pos[None, :] <= q_pos[:, None]  # [T, S] causal: never a later position
     if window is not None:
         visible = visible & (q_pos[:, None] - k_pos[None, :] < window)  # only the last `window` keys
     # -inf, not a large negative number: exp(-inf) is exactly 0, so hidden keys get no weight at all.
-    scores = xp.where(visible, xp.reshape(scores, (Hkv, G, T, S)), -math.inf)  # [Hkv, G, T, S]
-    probs = xp.reshape(softmax(xp, scores), (Hkv, G * T, S))
-    out = xp.reshape(probs @ v, (H, T, Dh))  # [Hkv, G*T, Dh] -> [H, T, Dh]
+    scores = xp.where(visible, scores, -math.inf)
+    # Softmax, its division postponed: subtract the row maximum so exp never overflows.
+    weights = xp.exp(scores - xp.max(scores, axis=-1, keepdims=True))  # [Hkv, G, T, S]
+    total = xp.reshape(xp.sum(weights, axis=-1, keepdims=True), (Hkv, G * T, 1))
+    out = (xp.reshape(weights, (Hkv, G * T, S)) @ v) / total  # [Hkv, G*T, Dh]
+    out = xp.reshape(out, (H, T, Dh))
     return xp.reshape(xp.permute_dims(out, (1, 0, 2)), (T, H * Dh))  # [T, H*Dh]
 
 
 def self_attention(xp, cfg, w, layer, x, cos, sin, spans):
     """Project to q, k, v, rotate, write k/v to each sequence's cache, attend, project back."""
-    N = x.shape[0]
-    q = xp.reshape(linear(x, w, "self_attn.q_proj", cfg.qkv_bias), (N, cfg.num_attention_heads, cfg.head_dim))
-    k = xp.reshape(linear(x, w, "self_attn.k_proj", cfg.qkv_bias), (N, cfg.num_key_value_heads, cfg.head_dim))
-    v = xp.reshape(linear(x, w, "self_attn.v_proj", cfg.qkv_bias), (N, cfg.num_key_value_heads, cfg.head_dim))
+    N, H, Hkv, Dh = x.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    qkv = linear(x, w, "self_attn.qkv_proj", cfg.qkv_bias)  # [N, (H + 2 Hkv) Dh]: q, k, v side by side
+    q = xp.reshape(qkv[:, :H * Dh], (N, H, Dh))
+    k = xp.reshape(qkv[:, H * Dh:(H + Hkv) * Dh], (N, Hkv, Dh))
+    v = xp.reshape(qkv[:, (H + Hkv) * Dh:], (N, Hkv, Dh))
     q, k = rope(xp, q, cos, sin), rope(xp, k, cos, sin)
     outs = []
     for lo, hi, cache in spans:  # rows lo..hi-1 belong to the sequence whose cache this is
@@ -165,9 +166,9 @@ def silu(xp, x):
 
 def mlp(xp, cfg, w, x):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
-    gate = linear(x, w, "mlp.gate_proj", cfg.mlp_bias)  # [N, F]
-    up = linear(x, w, "mlp.up_proj", cfg.mlp_bias)  # [N, F]
-    return linear(silu(xp, gate) * up, w, "mlp.down_proj", cfg.mlp_bias)  # [N, D]
+    F = cfg.intermediate_size
+    gate_up = linear(x, w, "mlp.gate_up_proj", cfg.mlp_bias)  # [N, 2F]: gate, up side by side
+    return linear(silu(xp, gate_up[:, :F]) * gate_up[:, F:], w, "mlp.down_proj", cfg.mlp_bias)  # [N, D]
 
 
 def block(xp, cfg, w, layer, x, cos, sin, spans):
