@@ -2,7 +2,8 @@
 
 Prefill: one 512-token prompt (the opening of golden/long_prompt.txt), logits for the last
 position only, as generation needs. Decode: 128 greedy steps with the KV cache, one token each.
-Each figure is the median of --repeats runs, after one warm-up run. When torch and transformers
+Each figure is the median of --repeats runs, after one warm-up run, refimpl's and transformers'
+runs interleaved so that both meet the same load on a shared machine. When torch and transformers
 are installed (`pip install -e '.[golden]'`), the same figures are measured for transformers
 (float32, CPU, the same converted weights, the same prompt) in the same run, with the ratio.
 
@@ -14,6 +15,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,8 @@ def transformers_runner(model_dir):
     except ImportError:
         return None
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # transformers 5.24 renames past_key_values to cache; the old name works in every version.
+    warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
 
     @torch.inference_mode()
     def run(ids):
@@ -60,10 +64,19 @@ def transformers_runner(model_dir):
     return run, f"transformers {__import__('transformers').__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def measure(run, ids, repeats):
-    run(ids)  # warm-up: first-touch page faults, thread pools, allocator
-    prefill, decode = zip(*(run(ids) for _ in range(repeats)))
-    return PROMPT_TOKENS / statistics.median(prefill), DECODE_TOKENS / statistics.median(decode)
+def measure(runners, ids, repeats):
+    """Median prefill and decode tokens/s of each runner, their runs interleaved.
+
+    The machine is shared and noisy: running A, B, A, B, ... lets both see the same conditions,
+    and the ratio is the median of the per-round ratios.
+    """
+    for run in runners:
+        run(ids)  # warm-up: first-touch page faults, thread pools, allocator
+    rounds = [[run(ids) for run in runners] for _ in range(repeats)]  # [repeats][runner] -> (prefill s, decode s)
+    speeds = [[(PROMPT_TOKENS / p, DECODE_TOKENS / d) for p, d in r] for r in rounds]
+    medians = [tuple(statistics.median(s[i][j] for s in speeds) for j in range(2)) for i in range(len(runners))]
+    ratios = tuple(statistics.median(s[0][j] / s[1][j] for s in speeds) for j in range(2)) if len(runners) > 1 else None
+    return medians, ratios
 
 
 def main():
@@ -76,20 +89,19 @@ def main():
     assert len(ids) == PROMPT_TOKENS
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}; "
           f"default model, {PROMPT_TOKENS}-token prefill, {DECODE_TOKENS}-token greedy decode, "
-          f"median of {args.repeats}")
+          f"median of {args.repeats} interleaved rounds")
     model = load_model(model_dir)
-    rows = [("refimpl (numpy float32)",) + measure(lambda i: refimpl_run(model, i), ids, args.repeats)]
-    del model  # free its 540 MB before transformers loads its own copy
+    labels, runners = ["refimpl (numpy float32)"], [lambda i: refimpl_run(model, i)]
     peer = transformers_runner(model_dir)
     if peer:
-        run, label = peer
-        rows.append((label,) + measure(run, ids, args.repeats))
+        runners.append(peer[0])
+        labels.append(peer[1])
+    medians, ratios = measure(runners, ids, args.repeats)
     print(f"{'':48} {'prefill tok/s':>14} {'decode tok/s':>13}")
-    for label, prefill, decode in rows:
+    for label, (prefill, decode) in zip(labels, medians):
         print(f"{label:48} {prefill:14.1f} {decode:13.1f}")
-    if peer:
-        (_, p0, d0), (_, p1, d1) = rows
-        print(f"{'ratio refimpl / transformers':48} {p0 / p1:13.2f}x {d0 / d1:12.2f}x"
+    if ratios:
+        print(f"{'ratio refimpl / transformers':48} {ratios[0]:13.2f}x {ratios[1]:12.2f}x"
               "   (targets: prefill >= 0.8x, decode >= 1.0x)")
     else:
         print("transformers not installed: `pip install -e '.[golden]'` to measure it beside refimpl")
