@@ -357,8 +357,36 @@ def make_tiny_models():
             check_sliding_window(model, cases, model.config.sliding_window)
 
 
+# ---------------------------------------------------------------- C. RoPE inverse frequencies
+
+# Llama 3.1's own values: with head_dim 128 they put frequencies in all three llama3 regimes.
+ROPE_CONFIGS = {
+    "default": {"rope_theta": 500000.0},
+    "llama3": {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+}
+
+
+def make_rope_frequencies():
+    """transformers' own RoPE inverse frequencies, to compare bit for bit."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    base = dict(vocab_size=32, hidden_size=512, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=128, rms_norm_eps=1e-5, max_position_embeddings=131072)
+    cases = []
+    for name, keys in ROPE_CONFIGS.items():
+        config = LlamaConfig(**base, **keys)
+        init = ROPE_INIT_FUNCTIONS.get(name) or LlamaRotaryEmbedding.compute_default_rope_parameters
+        inv_freq, _ = init(config)
+        cases.append({"name": name, "config": {"model_type": "llama", **base, **keys},
+                      "inv_freq_float32_bits": inv_freq.float().numpy().view(np.uint32).tolist()})
+    write_json(GOLDEN / "rope_inverse_frequencies.json", made_by("LlamaConfig"), "none", cases)
+
+
 def main():
     start = time.perf_counter()
+    make_rope_frequencies()
     print("tiny random models:")
     make_tiny_models()
     print("default model:")

@@ -6,6 +6,8 @@ import pytest
 from refimpl.config import ConfigError, ModelConfig
 from refimpl.model import rope_inverse_frequencies
 
+from conftest import load_golden
+
 BASE = dict(model_type="llama", vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=131072)
 # Llama 3.1's own values: with head_dim 128 they put frequencies in all three regimes
@@ -87,23 +89,10 @@ def test_unsupported_values_are_refused_by_name(change, value):
         ModelConfig.from_dict(BASE | change)
 
 
-@pytest.mark.parametrize("rope_type", ["default", "llama3"])
-def test_rope_inverse_frequencies_equal_transformers(rope_type):
-    pytest.importorskip("transformers", reason="transformers is the reference here; it is not a runtime dependency")
-    from transformers import LlamaConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    keys = {"rope_theta": 500000.0, "head_dim": 128}
-    if rope_type == "llama3":
-        keys["rope_scaling"] = {"rope_type": "llama3", **LLAMA3}
-    ours = rope_inverse_frequencies(ModelConfig.from_dict(BASE | keys))
-    hf_config = LlamaConfig(**(BASE | keys))
-    if rope_type == "llama3":
-        init = ROPE_INIT_FUNCTIONS["llama3"]
-    else:  # transformers 4 lists "default"; transformers 5 moved it onto the rotary embedding class
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-        init = ROPE_INIT_FUNCTIONS.get("default") or LlamaRotaryEmbedding.compute_default_rope_parameters
-    theirs, _ = init(hf_config)
+@pytest.mark.parametrize("index", [0, 1], ids=["default", "llama3"])
+def test_rope_inverse_frequencies_equal_transformers(index):
+    """Bit for bit: both compute in float32 (golden/rope_inverse_frequencies.json, by transformers)."""
+    case = load_golden("rope_inverse_frequencies.json")["cases"][index]
+    ours = rope_inverse_frequencies(ModelConfig.from_dict(case["config"]))
     assert ours.dtype == np.float32
-    np.testing.assert_array_equal(ours, theirs.numpy())  # bit for bit: both compute in float32
+    np.testing.assert_array_equal(ours.view(np.uint32), case["inv_freq_float32_bits"])

@@ -6,12 +6,11 @@ its tensors; every failure must be a WeightsError that names the tensor (or the 
 
 import json
 import shutil
+import struct
 
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import save_file
-from safetensors.torch import save_file as save_torch_file
 
 from refimpl.model import forward, load_model
 from refimpl.weights import WeightsError, read_tensors
@@ -103,21 +102,39 @@ def test_sharded_checkpoint_loads_like_the_single_file(tmp_path):
     np.testing.assert_array_equal(last_logits(load_model(sharded)), last_logits(load_model(UNTIED)))
 
 
-@pytest.mark.parametrize("dtype, name", [(torch.bfloat16, "BF16"), (torch.float16, "F16")])
-def test_half_precision_widens_exactly_like_torch(tmp_path, dtype, name):
+def write_raw_safetensors(path, name, dtype, shape, data):
+    """A one-tensor safetensors file written byte by byte from the format's definition
+    (8-byte little-endian header size, JSON header, raw data): NumPy cannot hold bfloat16."""
+    header = json.dumps({name: {"dtype": dtype, "shape": shape, "data_offsets": [0, len(data)]}}).encode()
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+
+
+def half_reference(dtype, bits):
+    """The float a 16-bit pattern stands for, decoded by Python's struct module, not by NumPy."""
+    if dtype == "F16":
+        return struct.unpack("<e", bits.to_bytes(2, "little"))[0]
+    return struct.unpack("<f", (bits << 16).to_bytes(4, "little"))[0]  # bfloat16: a float32's top half
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
+def test_half_precision_widens_exactly(tmp_path, dtype):
     # Every one of the 65536 bit patterns: normals, subnormals, zeros of both signs, infinities, NaNs.
-    every_value = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(256, 256)
-    save_torch_file({"x": every_value}, tmp_path / "half.safetensors")
-    with open(tmp_path / "half.safetensors", "rb") as f:  # the file really stores the half dtype
-        assert json.loads(f.read(int.from_bytes(f.read(8), "little")))["x"]["dtype"] == name
+    bits = list(range(1 << 16))
+    write_raw_safetensors(tmp_path / "half.safetensors", "x", dtype, [256, 256], struct.pack("<65536H", *bits))
     ours = read_tensors(tmp_path / "half.safetensors")["x"]
     assert ours.dtype == np.float32 and ours.shape == (256, 256)
-    theirs = every_value.float().numpy()
-    # Every number bit for bit. NaNs stay NaN, but not always bit for bit: for F16 signalling NaNs,
-    # torch sets the quiet bit and NumPy's conversion keeps the payload as it is.
+    theirs = np.array([half_reference(dtype, b) for b in bits], dtype=np.float32).reshape(256, 256)
     nan = np.isnan(theirs)
     np.testing.assert_array_equal(np.isnan(ours), nan)
-    np.testing.assert_array_equal(ours[~nan].view(np.uint32), theirs[~nan].view(np.uint32))
+    np.testing.assert_array_equal(ours[~nan].view(np.uint32), theirs[~nan].view(np.uint32))  # bit for bit
+
+
+def test_known_bfloat16_values(tmp_path):
+    patterns = {0x3F80: 1.0, 0xC020: -2.5, 0x4049: 3.140625, 0x7F80: np.inf, 0x0000: 0.0, 0x8000: -0.0}
+    write_raw_safetensors(tmp_path / "bf16.safetensors", "x", "BF16", [len(patterns)],
+                          struct.pack(f"<{len(patterns)}H", *patterns))
+    np.testing.assert_array_equal(read_tensors(tmp_path / "bf16.safetensors")["x"], list(patterns.values()))
 
 
 def test_tied_head_is_the_embedding_array_itself():
