@@ -1,6 +1,7 @@
-"""The `refimpl` command line: pull, convert-gguf, generate."""
+"""The `refimpl` command line: pull, convert-gguf, generate, score, chat (and serve, from webapp)."""
 
 import argparse
+import json
 import sys
 
 from refimpl.pull import DEFAULT_MODEL
@@ -12,20 +13,86 @@ def main(argv=None):
 
     p = sub.add_parser("pull", help="fetch and convert the default model into the cache (once)")
     p.add_argument("name", nargs="?", default=DEFAULT_MODEL)
+    p.set_defaults(run=cmd_pull)
 
     p = sub.add_parser("convert-gguf", help="convert a GGUF file into an HF-layout directory")
     p.add_argument("gguf_file")
     p.add_argument("out_dir")
+    p.set_defaults(run=cmd_convert)
 
-    p = sub.add_parser("generate", help="print the greedy continuation of a prompt")
+    p = sub.add_parser("generate", help="print a continuation of a prompt (greedy unless told otherwise)")
     p.add_argument("prompt")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="a model directory or a known model name")
-    p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_model_options(p)
+    add_sampling_options(p, temperature=0.0, max_tokens=64)
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("score", help="print the log-probability of every token of a text given its prefix")
+    p.add_argument("text", nargs="?", help="the text to score (raw, no special tokens added)")
+    p.add_argument("--chat", metavar="FILE.json", help="score a conversation (a JSON list of messages) as the template renders it")
+    p.add_argument("--top", type=int, default=0, help="also print the N most likely tokens at each position")
+    add_model_options(p)
+    p.set_defaults(run=cmd_score)
+
+    p = sub.add_parser("chat", help="chat with the model in the terminal (/new starts over, Ctrl-D quits)")
+    p.add_argument("--system", help="a system prompt")
+    add_model_options(p)
+    add_sampling_options(p, temperature=0.7, max_tokens=512)
+    p.set_defaults(run=cmd_chat)
 
     args = parser.parse_args(argv)
-    return {"pull": cmd_pull, "convert-gguf": cmd_convert, "generate": cmd_generate}[args.command](args)
+    return args.run(args)
+
+
+def add_model_options(p):
+    p.add_argument("--model", default=DEFAULT_MODEL, help="a model directory or a known model name")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+
+def add_sampling_options(p, temperature, max_tokens):
+    p.add_argument("--temperature", type=float, default=temperature)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+
+
+def sampling_params(args):
+    from refimpl.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty, seed=args.seed, max_tokens=args.max_tokens,
+                          stop=args.stop)
+
+
+def load(args):
+    """The model, its tokenizer and its end-of-sequence ids, from --model and --device."""
+    from refimpl.generate import default_stop_ids
+    from refimpl.model import load_model
+    from refimpl.pull import resolve_model
+    from refimpl.tokenizer import Tokenizer
+
+    path = resolve_model(args.model)
+    model, tokenizer = load_model(path, args.device), Tokenizer.from_dir(path)
+    return model, tokenizer, default_stop_ids(tokenizer, model.config, path)
+
+
+def stream(model, tokenizer, stop_ids, ids, params, out=sys.stdout):
+    """Generate one choice, writing text as it comes; return the whole text."""
+    from refimpl.generate import generate
+
+    text = []
+    for event in generate(model, tokenizer, ids, params, stop_ids):
+        out.write(event.text)
+        out.flush()
+        text.append(event.text)
+    return "".join(text)
 
 
 def cmd_pull(args):
@@ -44,27 +111,61 @@ def cmd_convert(args):
 
 
 def cmd_generate(args):
-    from refimpl.generate import greedy
-    from refimpl.model import load_model
-    from refimpl.pull import resolve_model
-    from refimpl.tokenizer import Tokenizer
-
-    path = resolve_model(args.model)
-    model, tokenizer = load_model(path, args.device), Tokenizer.from_dir(path)
-    if args.chat:
-        ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
-    else:
-        ids = tokenizer.encode(args.prompt)
-    stop_ids = {tokenizer.eos_token_id} - {None}
-    out, shown = [], ""
-    for token in greedy(model, ids, args.max_tokens, stop_ids):
-        if token in stop_ids:
-            break
-        out.append(token)
-        text = tokenizer.decode(out)
-        if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
-    sys.stdout.write(tokenizer.decode(out)[len(shown):] + "\n")
+    model, tokenizer, stop_ids = load(args)
+    messages = [{"role": "user", "content": args.prompt}]
+    ids = tokenizer.encode_chat(messages) if args.chat else tokenizer.encode(args.prompt)
+    stream(model, tokenizer, stop_ids, ids, sampling_params(args))
+    print()
     return 0
+
+
+def cmd_score(args):
+    from refimpl.generate import prompt_logprobs
+
+    model, tokenizer, _ = load(args)
+    if args.chat:
+        with open(args.chat, encoding="utf-8") as f:
+            ids = tokenizer.encode_chat(json.load(f), add_generation_prompt=False)
+    elif args.text is not None:
+        ids = tokenizer.encode(args.text)
+    else:
+        print("refimpl score: give TEXT or --chat FILE.json", file=sys.stderr)
+        return 2
+    entries = prompt_logprobs(model, tokenizer, ids, args.top)
+    print(f"{'pos':>5} {'token id':>8}  {'logprob':>10}  token")
+    for pos, (token_id, entry) in enumerate(zip(ids, entries)):
+        logprob = "" if entry is None else f"{entry.logprob:10.4f}"
+        alternatives = "" if entry is None else "  ".join(f"{t.token!r}:{t.logprob:.3f}" for t in entry.top)
+        print(f"{pos:5d} {token_id:8d}  {logprob:>10}  {tokenizer.decode([token_id])!r}  {alternatives}".rstrip())
+    total = sum(e.logprob for e in entries[1:])
+    print(f"total log-probability of tokens 1..{len(ids) - 1}: {total:.4f}")
+    return 0
+
+
+def cmd_chat(args):
+    model, tokenizer, stop_ids = load(args)
+    params = sampling_params(args)
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    print("refimpl chat: type a message; /new starts over; Ctrl-D quits.")
+    while True:
+        try:
+            line = input("\nyou> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line.strip() == "/new":
+            messages = list(start)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        sys.stdout.write("model> ")
+        try:
+            reply = stream(model, tokenizer, stop_ids, tokenizer.encode_chat(messages), params)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the chat
+            reply = ""
+            messages.pop()
+        if reply:
+            messages.append({"role": "assistant", "content": reply})
+        print()

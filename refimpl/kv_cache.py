@@ -31,3 +31,10 @@ class KVCache:
         self.k[layer, :, start:stop, :] = xp.permute_dims(k, (1, 0, 2))  # [T, Hkv, Dh] -> [Hkv, T, Dh]
         self.v[layer, :, start:stop, :] = xp.permute_dims(v, (1, 0, 2))
         return self.k[layer, :, :stop, :], self.v[layer, :, :stop, :]  # [Hkv, S, Dh] each
+
+    def copy(self, xp):
+        """An independent cache holding the same prefix (n choices share one prompt's prefill)."""
+        twin = object.__new__(KVCache)
+        twin.k, twin.v = xp.asarray(self.k, copy=True), xp.asarray(self.v, copy=True)
+        twin.capacity, twin.length = self.capacity, self.length
+        return twin

@@ -206,8 +206,3 @@ def forward(model, tokens, caches, all_logits=False):
     x = rms_norm(xp, x, W.norm, cfg.rms_norm_eps)
     return x @ W.lm_head.T  # [B, V] or [N, V]
 
-
-def log_softmax(xp, logits):
-    """Log-probabilities of logits [..., V], computed stably in one place."""
-    shifted = logits - xp.max(logits, axis=-1, keepdims=True)
-    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))

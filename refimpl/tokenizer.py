@@ -44,6 +44,7 @@ class Tokenizer:
         # Special (control) tokens: skipped by decode(skip_special_tokens=True), and what a
         # caller checks to hide markers like <|im_end|> from the user.
         self.special_ids = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        self.byte_level = type(backend.decoder).__name__ == "ByteLevel"
         self.chat_template = config.get("chat_template")
         self._template = compile_template(self.chat_template) if self.chat_template else None
 
@@ -87,10 +88,42 @@ class Tokenizer:
             eos_token=self.eos_token or "",
         )
 
+    def token_bytes(self, token_id):
+        """The exact UTF-8 bytes one token stands for (a token may hold part of a character).
+
+        Special tokens contribute no bytes: like vLLM and OpenAI, generated text never shows
+        control markers such as <|im_end|>.
+        """
+        if token_id in self.special_ids:
+            return b""
+        piece = self.backend.id_to_token(token_id)
+        if self.byte_level:  # GPT-2 byte-level BPE spells each byte as one printable character
+            return bytes(BYTE_OF_CHAR[c] for c in piece)
+        if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:  # SentencePiece byte fallback
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")  # SentencePiece writes a space as U+2581
+
     def encode_chat(self, messages, add_generation_prompt=True):
         """Token ids of the rendered chat; the template already wrote the special tokens."""
         text = self.apply_chat_template(messages, add_generation_prompt)
         return self.backend.encode(text, add_special_tokens=False).ids
+
+
+def gpt2_bytes_to_unicode():
+    """GPT-2's table from each byte to a printable character (byte-level BPE vocabularies use it)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) \
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+BYTE_OF_CHAR = {c: b for b, c in gpt2_bytes_to_unicode().items()}
 
 
 def raise_exception(message):

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refimpl.generate import greedy
-from refimpl.model import forward, load_model, log_softmax
+from refimpl.model import forward, load_model
+from refimpl.sampling import log_softmax
 from refimpl.xp import to_numpy
 
 from conftest import GOLDEN, load_golden

@@ -1,0 +1,173 @@
+"""From next-token logits to a chosen token, as the OpenAI API's parameters promise.
+
+The transforms apply in this order, which is Hugging Face's where the two overlap:
+
+  1. logit_bias          add the request's bias to listed tokens (-100 bans, +100 all but forces)
+  2. repetition_penalty  HF's formula over every token seen (prompt and generated): a positive
+                         logit is divided by the penalty, a negative one multiplied
+  3. presence_penalty,   OpenAI's formula over the generated tokens only:
+     frequency_penalty   logit -= frequency_penalty * count + presence_penalty * (count > 0)
+  4. temperature         divide by T; T = 0 means greedy: the argmax, ties to the lowest id
+  5. top_k               keep the k most likely tokens (exactly k: ties go to the lower id,
+                         where HF would keep every token tied with the k-th)
+  6. top_p               keep the smallest set of most likely tokens whose mass reaches p
+  7. min_p               keep tokens with probability >= min_p * the top probability
+
+then one draw from the kept tokens' renormalised probabilities, with the request's own seeded
+NumPy Generator, so that CPU and GPU runs sample alike.
+
+Log-probabilities reported to the user are not taken from this pipeline: they are the
+log-softmax of the model's raw logits (`log_softmax` below, the one place they are computed).
+An evaluator comparing engines needs the model's distribution, not the sampler's.
+
+The sampler works on the host in float64: one [V] row per step is small, and float64 keeps
+probabilities finite and summing to 1 for logits as wild as +-1e30 or -inf.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class InvalidParameter(ValueError):
+    """A request parameter is out of range; `param` names it (the server answers 400)."""
+
+    def __init__(self, param, message):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None  # None, 0 or -1: all tokens
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict = field(default_factory=dict)  # token id -> bias in [-100, 100]
+    seed: int | None = None
+    max_tokens: int | None = None  # None: up to the end of the context window
+    n: int = 1
+    stop: list = field(default_factory=list)  # stop strings
+    stop_token_ids: list = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def validate(self, vocab_size):
+        """Raise InvalidParameter naming the first parameter out of range."""
+        def check(ok, param, message):
+            if not ok:
+                raise InvalidParameter(param, f"{param} {message}")
+
+        def number(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        check(number(self.temperature) and 0 <= self.temperature <= 2, "temperature", "must be between 0 and 2")
+        check(number(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be greater than 0 and at most 1")
+        check(self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= -1), "top_k",
+              "must be a positive integer, or 0 or -1 for all tokens")
+        check(number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be between 0 and 1")
+        check(number(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty",
+              "must be between -2 and 2")
+        check(number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty",
+              "must be between -2 and 2")
+        check(number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+              "must be greater than 0")
+        for token, bias in self.logit_bias.items():
+            check(isinstance(token, int) and 0 <= token < vocab_size, "logit_bias",
+                  f"key {token!r} is not a token id of this vocabulary (0..{vocab_size - 1})")
+            check(number(bias) and -100 <= bias <= 100, "logit_bias", f"value for token {token} must be between -100 and 100")
+        check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
+        check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1), "max_tokens",
+              "must be at least 1")
+        check(isinstance(self.n, int) and 1 <= self.n <= 128, "n", "must be between 1 and 128")
+        check(all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16, "stop",
+              "must be up to 16 non-empty strings")
+        check(all(isinstance(t, int) and 0 <= t < vocab_size for t in self.stop_token_ids), "stop",
+              "token ids must be token ids of this vocabulary")
+        check(isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= 20, "top_logprobs",
+              "must be between 0 and 20")
+        return self
+
+    @property
+    def greedy(self):
+        return self.temperature == 0
+
+
+def log_softmax(xp, logits):
+    """Log-probabilities of logits [..., V], stably: shift by the maximum before exp."""
+    shifted = logits - xp.max(logits, axis=-1, keepdims=True)
+    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
+
+
+def apply_penalties(logits, params, seen, generated_counts):
+    """Steps 1-3: logit_bias, repetition_penalty over `seen` ids, OpenAI penalties over generated counts."""
+    logits = np.array(logits, dtype=np.float64)  # a copy: the caller's row is left alone
+    for token, bias in params.logit_bias.items():
+        logits[token] += bias
+    if params.repetition_penalty != 1.0 and len(seen):
+        ids = np.unique(np.asarray(seen, dtype=np.int64))
+        row = logits[ids]
+        logits[ids] = np.where(row > 0, row / params.repetition_penalty, row * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and generated_counts:
+        ids = np.fromiter(generated_counts.keys(), dtype=np.int64)
+        counts = np.fromiter(generated_counts.values(), dtype=np.float64)
+        logits[ids] -= params.frequency_penalty * counts + params.presence_penalty
+    return logits
+
+
+def softmax(logits):
+    """Probabilities of a float64 logits row; -inf becomes exactly 0."""
+    finite_max = np.max(logits)
+    e = np.exp(logits - finite_max)
+    return e / e.sum()
+
+
+def filter_mask(probs, params):
+    """Steps 5-7 on probabilities after temperature: a boolean mask of the tokens kept."""
+    keep = probs > 0
+    k = params.top_k
+    if k is not None and 0 < k < probs.size:
+        kth = np.partition(probs, -k)[-k]  # the k-th largest probability
+        top_k_keep = probs > kth
+        ties = np.flatnonzero(probs == kth)[:k - top_k_keep.sum()]  # exactly k: ties go to the lower ids
+        top_k_keep[ties] = True
+        keep &= top_k_keep
+    if params.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")  # most likely first, ties to the lower id
+        kept_probs = np.where(keep[order], probs[order], 0.0)
+        mass_before = np.cumsum(kept_probs) - kept_probs  # mass of the more likely kept tokens
+        top_p_keep = np.zeros_like(keep)
+        top_p_keep[order] = mass_before < params.top_p * kept_probs.sum()  # smallest prefix reaching p
+        keep &= top_p_keep
+    if params.min_p > 0:
+        keep &= probs >= params.min_p * np.max(np.where(keep, probs, 0.0))
+    return keep
+
+
+@dataclass
+class SamplerStep:
+    """What the sampler saw at one step: enough to show a student why this token was chosen."""
+    token: int
+    probs: np.ndarray  # [V] after penalties, bias and temperature, before filtering
+    kept: np.ndarray  # [V] bool: survived top-k, top-p and min-p
+
+
+def sample(logits, params, rng, seen=(), generated_counts=None):
+    """Choose the next token from one logits row [V] (host array); returns a SamplerStep."""
+    logits = apply_penalties(logits, params, seen, generated_counts or {})
+    if params.greedy:
+        token = int(np.argmax(logits))  # ties: the lowest id
+        probs = np.zeros_like(logits)
+        probs[token] = 1.0
+        return SamplerStep(token, probs, probs > 0)
+    probs = softmax(logits / params.temperature)
+    kept = filter_mask(probs, params)
+    weights = np.where(kept, probs, 0.0)
+    cumulative = np.cumsum(weights)
+    # Inverse-CDF draw: the first token whose cumulative weight exceeds u * total.
+    token = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+    return SamplerStep(min(token, int(np.flatnonzero(kept)[-1])), probs, kept)
