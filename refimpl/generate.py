@@ -178,9 +178,7 @@ class Generation:
         logits = forward(model, [self.prompt_ids], [cache])  # [1, V]
         t1 = time.perf_counter()
         self.usage.prompt_seconds = t1 - t0
-        seeds = np.random.SeedSequence(params.seed).spawn(params.n)  # independent streams per choice
-        choices = [Choice(np.random.default_rng(s), cache if i == 0 else cache.copy(model.xp), TextStream(params.stop))
-                   for i, s in enumerate(seeds)]
+        choices = self.new_choices(cache)
         rows = [to_numpy(logits[0])] * params.n
         while True:
             active = [i for i, c in enumerate(choices) if not c.finished]
@@ -192,6 +190,12 @@ class Generation:
                 return
             logits = forward(model, [[choices[i].generated[-1]] for i in active], [choices[i].cache for i in active])
             rows = list(to_numpy(logits))
+
+    def new_choices(self, cache):
+        """The n choices after the prompt: the first keeps the prompt's cache, the others copy it."""
+        seeds = np.random.SeedSequence(self.params.seed).spawn(self.params.n)  # independent streams per choice
+        return [Choice(np.random.default_rng(s), cache if i == 0 else cache.copy(self.model.xp), TextStream(self.params.stop))
+                for i, s in enumerate(seeds)]
 
     def step(self, index, choice, row):
         """Sample one token for one choice from its logits row [V] and turn it into an Event."""

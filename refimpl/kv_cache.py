@@ -38,3 +38,9 @@ class KVCache:
         twin.k, twin.v = xp.asarray(self.k, copy=True), xp.asarray(self.v, copy=True)
         twin.capacity, twin.length = self.capacity, self.length
         return twin
+
+    def copy_prefix(self, xp, source, n):
+        """Take the first n positions of another sequence's cache (a shared prompt prefix)."""
+        self.k[:, :, :n, :] = source.k[:, :, :n, :]
+        self.v[:, :, :n, :] = source.v[:, :, :n, :]
+        self.length = n

@@ -97,6 +97,8 @@ class Tokenizer:
         if token_id in self.special_ids:
             return b""
         piece = self.backend.id_to_token(token_id)
+        if piece is None:  # embedding rows padded past the tokenizer's vocabulary stand for no text
+            return b""
         if self.byte_level:  # GPT-2 byte-level BPE spells each byte as one printable character
             return bytes(BYTE_OF_CHAR[c] for c in piece)
         if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:  # SentencePiece byte fallback

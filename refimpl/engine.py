@@ -1,0 +1,304 @@
+"""The batching engine: one thread owns the model, many requests share each pass over the weights.
+
+Decoding one token reads every weight once, so a step that decodes for 8 sequences costs little
+more than a step for one: memory bandwidth, not arithmetic, is the limit. The engine therefore
+runs one forward pass per step over every running sequence (continuous batching):
+
+  each step   admit waiting requests while fewer than max_seqs sequences run;
+              give every prefilling request its next prompt chunk (at most prefill_chunk
+              tokens in all, so one long prompt never stalls everyone's decoding);
+              give every decoding choice its last token;
+              run forward() once over all of them, each with its own positions and KV cache;
+              sample where a prompt finished or a choice decodes, and hand out the events.
+
+- n > 1 choices share their prompt's prefill: the cache is copied, not recomputed.
+- Prefix caching: a finished prompt's cache is kept (within prefix_cache_tokens positions,
+  least recently used first out); a new prompt that starts with a kept one copies that prefix
+  instead of recomputing it (the same system prompt, a chat that goes on).
+- Bounds: more than max_queue waiting requests is refused at once (EngineFull), never queued.
+- Cancellation (a client gone) frees the request's caches at the next step.
+- An exception while sampling fails only that request; a failing forward pass is retried
+  sequence by sequence so that only the sequences that fail are failed.
+
+Request threads only submit and read their own queue; they never touch the model.
+"""
+
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+
+from refimpl.generate import generate
+from refimpl.model import forward
+from refimpl.xp import to_numpy
+
+DONE = object()  # end of a request's event stream
+
+
+class EngineFull(RuntimeError):
+    """Too many requests are waiting; try again later (the server answers 429)."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is shutting down and admits no new requests (the server answers 503)."""
+
+
+class RequestFailed(RuntimeError):
+    """The engine could not finish this request."""
+
+
+class Request:
+    """One submitted generation: iterate for its Events; cancel() if the client goes away."""
+
+    def __init__(self, generation):
+        self.generation = generation  # validated parameters, per-choice state and the sampling step
+        self.events = queue.Queue()
+        self.cancelled = False
+        self.cache = None  # the prompt's cache while prefilling
+        self.prefilled = 0  # prompt positions already in that cache
+        self.choices = None  # [(index, Choice)] once the prompt is done
+        self.submitted = time.perf_counter()
+        self.prefill_started = self.decode_started = self.first_token_at = None
+        self.finish_reasons = []
+
+    @property
+    def usage(self):
+        return self.generation.usage
+
+    def cancel(self):
+        self.cancelled = True
+
+    def __iter__(self):
+        while True:
+            item = self.events.get()
+            if item is DONE:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    def get(self, timeout):
+        """The next Event, DONE, or None if nothing came within timeout seconds (for keep-alives)."""
+        try:
+            item = self.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+
+class PrefixCache:
+    """Recently prefilled prompts and their caches, bounded by the positions they hold."""
+
+    def __init__(self, max_tokens):
+        self.max_tokens = max_tokens
+        self.entries = OrderedDict()  # tuple(prompt ids) -> KVCache whose first len(prompt) positions hold it
+        self.tokens = 0
+
+    def longest_prefix(self, prompt):
+        """(cache, n): the kept cache sharing the longest prefix with prompt, leaving >= 1 token to run."""
+        best, best_n = None, 0
+        for ids, cache in self.entries.items():
+            n = common_prefix_length(ids, prompt, len(prompt) - 1)
+            if n > best_n:
+                best, best_n = ids, n
+        if best is None:
+            return None, 0
+        self.entries.move_to_end(best)
+        return self.entries[best], best_n
+
+    def add(self, prompt, cache):
+        key = tuple(prompt)
+        if key in self.entries or len(key) > self.max_tokens:
+            return
+        self.entries[key] = cache
+        self.tokens += cache.capacity
+        while self.tokens > self.max_tokens:
+            _, old = self.entries.popitem(last=False)
+            self.tokens -= old.capacity
+
+
+def common_prefix_length(a, b, limit):
+    n = 0
+    for x, y in zip(a, b):
+        if n >= limit or x != y:
+            break
+        n += 1
+    return n
+
+
+class Engine:
+    def __init__(self, model, tokenizer, stop_ids, max_seqs=16, max_queue=64, prefill_chunk=256,
+                 prefix_cache_tokens=4096):
+        self.model, self.tokenizer, self.stop_ids = model, tokenizer, set(stop_ids)
+        self.max_seqs, self.max_queue, self.prefill_chunk = max_seqs, max_queue, prefill_chunk
+        self.prefix_cache = PrefixCache(prefix_cache_tokens)
+        self.waiting = deque()
+        self.running = []  # Requests admitted: prefilling or decoding
+        self.lock = threading.Condition()
+        self.stopping = False
+        self.stats = {"tokens_generated": 0, "prompt_tokens_computed": 0, "steps": 0, "cancelled": 0, "failed": 0,
+                      "prefix_hits": 0}
+        self.on_finish = None  # optional callback(request, reason) for metrics and logs
+        self.thread = threading.Thread(target=self.run, name="refimpl-engine", daemon=True)
+        self.thread.start()
+
+    # ---------------------------------------------------------------- request threads
+
+    def submit(self, prompt_ids, params):
+        """Queue a generation; raises InvalidParameter, ContextLengthExceeded, EngineFull or EngineStopped."""
+        request = Request(generate(self.model, self.tokenizer, prompt_ids, params, self.stop_ids))
+        with self.lock:
+            if self.stopping:
+                raise EngineStopped("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise EngineFull(f"{len(self.waiting)} requests are already waiting (max_queue {self.max_queue})")
+            self.waiting.append(request)
+            self.lock.notify()
+        return request
+
+    @property
+    def running_sequences(self):
+        return sum(len(r.choices) if r.choices else r.generation.params.n for r in self.running)
+
+    def stop_admitting(self):
+        with self.lock:
+            self.stopping = True
+
+    def idle(self):
+        with self.lock:
+            return not self.running and not self.waiting
+
+    # ---------------------------------------------------------------- the engine thread
+
+    def run(self):
+        while True:
+            with self.lock:
+                while not self.running and not self.waiting:
+                    self.lock.wait()
+                self.admit()
+            try:
+                self.step()
+            except Exception as error:  # noqa: BLE001 - a bug here must not kill the engine thread
+                for request in list(self.running):
+                    self.fail(request, error)
+
+    def admit(self):
+        """Move waiting requests into the running set while there is room for all their choices."""
+        while self.waiting:
+            request = self.waiting[0]
+            if request.cancelled:
+                self.waiting.popleft()
+                self.finish(request, "canceled")
+                continue
+            if self.running and self.running_sequences + request.generation.params.n > self.max_seqs:
+                return
+            self.waiting.popleft()
+            request.prefill_started = time.perf_counter()
+            self.start_prefill(request)
+            self.running.append(request)
+
+    def start_prefill(self, request):
+        gen = request.generation
+        request.cache = self.model.new_cache(len(gen.prompt_ids) + gen.max_new)
+        cached, n = self.prefix_cache.longest_prefix(gen.prompt_ids)
+        if n:
+            request.cache.copy_prefix(self.model.xp, cached, n)
+            request.prefilled = n
+            self.stats["prefix_hits"] += 1
+
+    def step(self):
+        """One forward pass over every running sequence; then sample and hand out events."""
+        for request in [r for r in self.running if r.cancelled]:
+            self.finish(request, "canceled")
+        batch = []  # (request, choice index or None for a prompt chunk, token ids, cache)
+        budget = self.prefill_chunk
+        for request in self.running:
+            if request.choices is None:
+                prompt = request.generation.prompt_ids
+                if budget <= 0 and batch:
+                    continue
+                chunk = prompt[request.prefilled:request.prefilled + max(budget, 1)]
+                budget -= len(chunk)
+                batch.append((request, None, chunk, request.cache))
+            else:
+                for index, choice in request.choices:
+                    if not choice.finished:
+                        batch.append((request, index, [choice.generated[-1]], choice.cache))
+        if not batch:
+            return
+        rows = self.forward_isolating_failures(batch)
+        self.stats["steps"] += 1
+        for (request, index, tokens, cache), row in zip(batch, rows):
+            if request.cancelled or request not in self.running:
+                continue
+            if isinstance(row, Exception):
+                self.fail(request, row)
+            elif index is None:
+                self.after_prompt_chunk(request, tokens, row)
+            else:
+                self.after_decode(request, index, row)
+
+    def forward_isolating_failures(self, batch):
+        """Logits rows for the batch; if the batched pass fails, each sequence is run alone."""
+        try:
+            return list(to_numpy(forward(self.model, [b[2] for b in batch], [b[3] for b in batch])))
+        except Exception:
+            rows = []
+            for _, _, tokens, cache in batch:
+                try:
+                    rows.append(to_numpy(forward(self.model, [tokens], [cache]))[0])
+                except Exception as error:  # noqa: BLE001 - the request concerned gets the error
+                    rows.append(error)
+            return rows
+
+    def after_prompt_chunk(self, request, chunk, row):
+        gen = request.generation
+        request.prefilled += len(chunk)
+        self.stats["prompt_tokens_computed"] += len(chunk)
+        if request.prefilled < len(gen.prompt_ids):
+            return
+        now = time.perf_counter()
+        gen.usage.prompt_seconds = now - request.prefill_started
+        self.prefix_cache.add(gen.prompt_ids, request.cache)
+        request.choices = list(enumerate(gen.new_choices(request.cache)))
+        request.cache = None
+        request.decode_started = now
+        for index, choice in request.choices:
+            self.after_decode(request, index, row)
+
+    def after_decode(self, request, index, row):
+        gen = request.generation
+        choice = request.choices[index][1]
+        try:
+            event = gen.step(index, choice, row)
+        except Exception as error:  # noqa: BLE001 - fails this request only
+            self.fail(request, error)
+            return
+        self.stats["tokens_generated"] += 1
+        if request.first_token_at is None:
+            request.first_token_at = time.perf_counter()
+        gen.usage.completion_seconds = time.perf_counter() - request.decode_started
+        request.events.put(event)
+        if event.finish_reason:
+            request.finish_reasons.append(event.finish_reason)
+        if all(c.finished for _, c in request.choices):
+            self.finish(request, "finished")
+
+    def finish(self, request, reason):
+        if request in self.running:
+            self.running.remove(request)
+        if reason == "canceled":
+            self.stats["cancelled"] += 1
+        request.cache = None  # free the KV caches now, whoever still holds the request
+        for _, choice in request.choices or []:
+            choice.cache = None
+        request.events.put(DONE)
+        if self.on_finish:
+            self.on_finish(request, reason)
+
+    def fail(self, request, error):
+        self.stats["failed"] += 1
+        request.events.put(RequestFailed(f"generation failed: {type(error).__name__}: {error}"))
+        self.finish(request, "failed")

@@ -1,0 +1,146 @@
+"""The batching engine: batched equals unbatched, shared prefill, prefix cache, bounds, cancellation, faults."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from refimpl.engine import Engine, EngineFull, RequestFailed
+from refimpl.generate import default_stop_ids, generate
+from refimpl.model import load_model
+from refimpl.sampling import SamplingParams
+from refimpl.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_chat_model_dir):
+    model, tokenizer = load_model(tiny_chat_model_dir), Tokenizer.from_dir(tiny_chat_model_dir)
+    return model, tokenizer, default_stop_ids(tokenizer, model.config, tiny_chat_model_dir)
+
+
+def make_engine(tiny, **bounds):
+    model, tokenizer, stop_ids = tiny
+    return Engine(model, tokenizer, stop_ids, **bounds)
+
+
+def prompts(tokenizer, count):
+    return [tokenizer.encode_chat([{"role": "user", "content": f"question {i}: " + "why? " * i}]) for i in range(count)]
+
+
+def collect(events):
+    """Per choice: token ids and logprobs, in order."""
+    tokens, logprobs = {}, {}
+    for e in events:
+        tokens.setdefault(e.index, []).append(e.token_id)
+        if e.logprobs:
+            logprobs.setdefault(e.index, []).append(e.logprobs.logprob)
+    return tokens, logprobs
+
+
+def run_concurrently(engine, jobs):
+    """Submit every (ids, params) at once from its own thread; return each one's events."""
+    results = [None] * len(jobs)
+
+    def client(i, ids, params):
+        results[i] = list(engine.submit(ids, params))
+
+    threads = [threading.Thread(target=client, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results
+
+
+def test_batched_results_equal_unbatched(tiny):
+    model, tokenizer, stop_ids = tiny
+    params = SamplingParams(temperature=0, max_tokens=20, logprobs=True)
+    jobs = [(ids, params) for ids in prompts(tokenizer, 6)]
+    batched = run_concurrently(make_engine(tiny, max_seqs=8), jobs)
+    for (ids, _), events in zip(jobs, batched):
+        alone_tokens, alone_lp = collect(generate(model, tokenizer, ids, params, stop_ids))
+        tokens, lp = collect(events)
+        assert tokens == alone_tokens
+        np.testing.assert_allclose(lp[0], alone_lp[0], atol=1e-4, rtol=0)
+
+
+def test_sampled_choices_do_not_depend_on_batching(tiny):
+    model, tokenizer, stop_ids = tiny
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=7, n=3, max_tokens=12)
+    ids = prompts(tokenizer, 1)[0]
+    (events,) = run_concurrently(make_engine(tiny), [(ids, params)])
+    assert collect(events)[0] == collect(generate(model, tokenizer, ids, params, stop_ids))[0]
+
+
+def test_n_choices_share_one_prefill(tiny):
+    engine = make_engine(tiny, prefix_cache_tokens=0)
+    ids = prompts(tiny[1], 3)[2]
+    events = list(engine.submit(ids, SamplingParams(temperature=1.0, seed=1, n=3, max_tokens=5)))
+    assert {e.index for e in events} == {0, 1, 2}
+    assert engine.stats["prompt_tokens_computed"] == len(ids)  # once, not three times
+
+
+def test_prefix_cache_reuses_a_shared_prefix_and_changes_nothing(tiny):
+    model, tokenizer, stop_ids = tiny
+    system = {"role": "system", "content": "You are a terse assistant. " * 4}
+    first = tokenizer.encode_chat([system, {"role": "user", "content": "hello"}])
+    second = tokenizer.encode_chat([system, {"role": "user", "content": "goodbye"}])
+    params = SamplingParams(temperature=0, max_tokens=8)
+    engine = make_engine(tiny)
+    list(engine.submit(first, params))
+    computed = engine.stats["prompt_tokens_computed"]
+    events = list(engine.submit(second, params))
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert engine.stats["prefix_hits"] == 1
+    assert engine.stats["prompt_tokens_computed"] - computed == len(second) - shared
+    assert collect(events)[0] == collect(generate(model, tokenizer, second, params, stop_ids))[0]
+
+
+def test_a_full_queue_is_refused_at_once(tiny):
+    engine = make_engine(tiny, max_seqs=1, max_queue=2)
+    ids = prompts(tiny[1], 1)[0]
+    slow = SamplingParams(temperature=0, max_tokens=200)
+    running = engine.submit(ids, slow)
+    next(iter(running))  # admitted and decoding: the one sequence slot is taken
+    held = [engine.submit(ids, slow) for _ in range(2)]  # these two fill the queue
+    with pytest.raises(EngineFull, match="max_queue 2"):
+        engine.submit(ids, slow)
+    for r in [running, *held]:
+        r.cancel()
+
+
+def test_cancelled_requests_free_their_sequences_within_a_step(tiny):
+    engine = make_engine(tiny, max_seqs=4)
+    ids = prompts(tiny[1], 1)[0]
+    requests = [engine.submit(ids, SamplingParams(temperature=0, max_tokens=400)) for _ in range(4)]
+    for r in requests:
+        next(iter(r))  # streaming has begun
+        r.cancel()
+    deadline = time.monotonic() + 2
+    while not engine.idle() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.idle() and engine.running_sequences == 0
+    assert engine.stats["cancelled"] == 4
+    assert len(list(engine.submit(ids, SamplingParams(temperature=0, max_tokens=3)))) == 3  # still serving
+
+
+def test_an_exception_fails_only_its_request(tiny):
+    engine = make_engine(tiny)
+    ids = prompts(tiny[1], 2)
+    good = SamplingParams(temperature=0, max_tokens=30)
+    doomed = engine.submit(ids[0], SamplingParams(temperature=0, max_tokens=30))
+    original = doomed.generation.step
+
+    def broken_step(index, choice, row):
+        if len(choice.generated) == 3:
+            raise RuntimeError("injected fault")
+        return original(index, choice, row)
+
+    doomed.generation.step = broken_step
+    survivor = engine.submit(ids[1], good)
+    with pytest.raises(RequestFailed, match="injected fault"):
+        list(doomed)
+    assert len(list(survivor)) == 30
+    assert engine.thread.is_alive()
+    assert len(list(engine.submit(ids[1], SamplingParams(temperature=0, max_tokens=2)))) == 2
