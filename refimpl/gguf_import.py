@@ -34,6 +34,8 @@ from safetensors.numpy import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
+from refimpl.tokenizer import byte_alphabet
+
 # GGUF tensor name -> HF tensor name. Per-block names are "blk.{i}." + key.
 GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -193,19 +195,6 @@ def byte_level_vocab(tokens):
         return "".join(alphabet[b] for b in token.encode("utf-8"))
 
     return {token if set(token) <= allowed else spell(token): i for i, token in enumerate(tokens)}
-
-
-def byte_alphabet():
-    """GPT-2's bytes_to_unicode: each byte -> a printable character (space -> 'Ġ', newline -> 'Ċ')."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:  # control bytes and space are moved past 255, in byte order
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
 
 
 def build_tokenizer(meta):

@@ -111,21 +111,22 @@ class Tokenizer:
         return self.backend.encode(text, add_special_tokens=False).ids
 
 
-def gpt2_bytes_to_unicode():
-    """GPT-2's table from each byte to a printable character (byte-level BPE vocabularies use it)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) \
-        + list(range(ord("\xae"), ord("\xff") + 1))
+def byte_alphabet():
+    """GPT-2's bytes_to_unicode: each byte -> a printable character (space -> 'Ġ', newline -> 'Ċ').
+
+    Byte-level BPE vocabularies spell every token in this alphabet."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:
             chars[b] = chr(b)
-        else:
+        else:  # control bytes and space are moved past 255, in byte order
             chars[b] = chr(256 + extra)
             extra += 1
     return chars
 
 
-BYTE_OF_CHAR = {c: b for b, c in gpt2_bytes_to_unicode().items()}
+BYTE_OF_CHAR = {c: b for b, c in byte_alphabet().items()}
 
 
 def raise_exception(message):

@@ -36,12 +36,12 @@ def tiny_chat_model_dir(tmp_path_factory):
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from refimpl.tokenizer import gpt2_bytes_to_unicode
+    from refimpl.tokenizer import byte_alphabet
 
     path = tmp_path_factory.mktemp("tiny-chat")
     shutil.copy(GOLDEN / "tiny" / "mistral-sliding-window" / "model.safetensors", path)
     config = json.loads((GOLDEN / "tiny" / "mistral-sliding-window" / "config.json").read_text())
-    tokenizer = Tokenizer(models.BPE(vocab={c: b for b, c in gpt2_bytes_to_unicode().items()}, merges=[]))
+    tokenizer = Tokenizer(models.BPE(vocab={c: b for b, c in byte_alphabet().items()}, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])  # ids 256 and 257
