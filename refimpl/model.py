@@ -130,11 +130,12 @@ def attention_block(xp, q, k, v, q_pos, k_pos, window):
     G = H // Hkv
     q = xp.reshape(xp.permute_dims(q, (1, 0, 2)), (Hkv, G * T, Dh)) * (1.0 / math.sqrt(Dh))  # [Hkv, G*T, Dh]
     scores = xp.reshape(q @ xp.matrix_transpose(k), (Hkv, G, T, S))  # [Hkv, G, T, S]
-    visible = k_pos[None, :] <= q_pos[:, None]  # [T, S] causal: never a later position
-    if window is not None:
-        visible = visible & (q_pos[:, None] - k_pos[None, :] < window)  # only the last `window` keys
-    # -inf, not a large negative number: exp(-inf) is exactly 0, so hidden keys get no weight at all.
-    scores = xp.where(visible, scores, -math.inf)
+    if T > 1:  # a single query (decoding) sees every key of its slice: attention() cut it so
+        visible = k_pos[None, :] <= q_pos[:, None]  # [T, S] causal: never a later position
+        if window is not None:
+            visible = visible & (q_pos[:, None] - k_pos[None, :] < window)  # only the last `window` keys
+        # -inf, not a large negative number: exp(-inf) is exactly 0, so hidden keys get no weight at all.
+        scores = xp.where(visible, scores, -math.inf)
     # Softmax, its division postponed: subtract the row maximum so exp never overflows.
     weights = xp.exp(scores - xp.max(scores, axis=-1, keepdims=True))  # [Hkv, G, T, S]
     total = xp.reshape(xp.sum(weights, axis=-1, keepdims=True), (Hkv, G * T, 1))
