@@ -6,14 +6,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8080
 HOST ?= 127.0.0.1
-PROMPT ?= Explain in two sentences what a transformer language model does.
 
 .PHONY: serve test golden bench pull install clean
 
-# Start refimpl on the default model (fetched and converted once into ~/.cache/refimpl).
+# Serve the default model over the OpenAI-compatible HTTP API (make serve PORT=8081 HOST=0.0.0.0; docs at /docs).
 serve: $(VENV)/.installed
 	$(PY) -m refimpl pull
-	$(PY) -m refimpl generate --chat --max-tokens 128 "$(PROMPT)"
+	$(PY) -m refimpl serve --host $(HOST) --port $(PORT)
 
 # Install everything the tests need and run the whole suite.
 test: $(VENV)/.installed-test
@@ -24,10 +23,12 @@ test: $(VENV)/.installed-test
 golden: $(VENV)/.installed-golden
 	$(PY) golden/make_golden_tokenizer.py
 	$(PY) golden/make_golden_logprobs.py
+	$(PY) golden/make_golden_sampling.py
 
-# Measure refimpl's speed beside transformers in the same run (installs them for the comparison).
+# Measure refimpl's speed beside transformers in the same run, then the server under concurrent clients.
 bench: $(VENV)/.installed-golden
 	$(PY) bench/bench_forward.py
+	$(PY) bench/bench_serving.py
 
 # Fetch and convert the default model into the cache without doing anything else.
 pull: $(VENV)/.installed

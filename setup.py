@@ -15,6 +15,17 @@ setup(
         "jinja2>=3.1",
         "gguf>=0.10",
         "tqdm>=4.60",
+        # The HTTP server (webapp/): Flask with marshmallow schemas, the OpenAPI document and Swagger UI
+        # from flask-smorest (apispec) with local assets, WebSockets, and gunicorn to serve them.
+        "flask>=3.1",
+        "marshmallow>=4.0",
+        "flask-smorest>=0.46",
+        "apispec>=6.8",
+        "webargs>=8.7",
+        "flask-sock>=0.7",
+        "simple-websocket>=1.1",
+        "gunicorn>=27",
+        "swagger-ui-bundle>=1.1",
     ],
     extras_require={
         # The GPU path: the same code with CuPy as the array namespace.
@@ -22,7 +33,8 @@ setup(
         # Only `make golden` and the benchmark's comparison need PyTorch and transformers.
         # torch is pinned: an open range pulls a multi-GB CUDA build on machines without a GPU.
         "golden": ["torch==2.13.0", "transformers>=4.46", "accelerate>=0.26", "gguf>=0.10"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "array-api-strict>=2.0"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "array-api-strict>=2.0", "openai>=1.40", "requests>=2.31",
+                 "schemathesis>=4.30"],
     },
     entry_points={"console_scripts": ["refimpl = refimpl.cli:main"]},
 )

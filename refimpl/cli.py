@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 
 from refimpl.pull import DEFAULT_MODEL
@@ -39,6 +40,19 @@ def main(argv=None):
     add_model_options(p)
     add_sampling_options(p, temperature=0.7, max_tokens=512)
     p.set_defaults(run=cmd_chat)
+
+    p = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server (http://HOST:PORT/v1, docs at /docs)")
+    add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", default=os.environ.get("REFIMPL_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' (default: $REFIMPL_API_KEY; none: open)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser calls from this origin, or * for any (repeatable; default: no CORS headers)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
+    p.add_argument("--threads", type=int, default=8, help="requests served at once (they share one model)")
+    p.add_argument("--dev", action="store_true", help="Flask's development server instead of gunicorn")
+    p.set_defaults(run=cmd_serve)
 
     args = parser.parse_args(argv)
     return args.run(args)
@@ -83,14 +97,14 @@ def load(args):
     return model, tokenizer, default_stop_ids(tokenizer, model.config, path)
 
 
-def stream(model, tokenizer, stop_ids, ids, params, out=sys.stdout):
-    """Generate one choice, writing text as it comes; return the whole text."""
+def stream(model, tokenizer, stop_ids, ids, params):
+    """Generate one choice, writing text to stdout as it comes; return the whole text."""
     from refimpl.generate import generate
 
     text = []
     for event in generate(model, tokenizer, ids, params, stop_ids):
-        out.write(event.text)
-        out.flush()
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
         text.append(event.text)
     return "".join(text)
 
@@ -140,6 +154,23 @@ def cmd_score(args):
     total = sum(e.logprob for e in entries[1:])
     print(f"total log-probability of tokens 1..{len(ids) - 1}: {total:.4f}")
     return 0
+
+
+def cmd_serve(args):
+    """The one place refimpl and webapp meet: resolve (fetch) the model here, serve it from webapp."""
+    from pathlib import Path
+
+    from refimpl.pull import KNOWN_MODELS, resolve_model
+    from webapp.server import serve
+
+    if args.api_key == "":
+        print("refimpl serve: --api-key must not be empty (leave it out for an open server)", file=sys.stderr)
+        return 2
+    path = resolve_model(args.model)
+    model_id = args.model if args.model in KNOWN_MODELS else Path(path).resolve().name
+    return serve(path, model_id, host=args.host, port=args.port, api_key=args.api_key,
+                 cors_origins=args.cors_origin, max_body_bytes=args.max_body_bytes, threads=args.threads,
+                 device=args.device, dev=args.dev)
 
 
 def cmd_chat(args):

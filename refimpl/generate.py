@@ -100,11 +100,15 @@ class TextStream:
 
     def push(self, token_bytes):
         """Add one token's bytes; return the text that can be released now."""
+        if self.stopped:  # the text ended at a stop string: nothing after it is ever released
+            return ""
         self.text += self.utf8.decode(token_bytes)
         return self._release(final=False)
 
     def finish(self):
         """The generation ended: release what was held back (an incomplete character becomes U+FFFD)."""
+        if self.stopped:  # bytes of a half-decoded character after the stop string are not text
+            return ""
         self.text += self.utf8.decode(b"", final=True)
         return self._release(final=True)
 

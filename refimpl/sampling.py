@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+FLOAT64_MAX = np.finfo(np.float64).max
+
 
 class InvalidParameter(ValueError):
     """A request parameter is out of range; `param` names it (the server answers 400)."""
@@ -56,18 +58,26 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
 
+    def __post_init__(self):
+        if isinstance(self.stop, str):  # OpenAI takes one stop string or a list of them
+            self.stop = [self.stop]
+
     def validate(self, vocab_size):
         """Raise InvalidParameter naming the first parameter out of range."""
         def check(ok, param, message):
             if not ok:
                 raise InvalidParameter(param, f"{param} {message}")
 
+        # bool is a subclass of int in Python, but `"n": true` in a request is a mistake, not 1.
         def number(x):
             return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
+        def integer(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
         check(number(self.temperature) and 0 <= self.temperature <= 2, "temperature", "must be between 0 and 2")
         check(number(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be greater than 0 and at most 1")
-        check(self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= -1), "top_k",
+        check(self.top_k is None or (integer(self.top_k) and self.top_k >= -1), "top_k",
               "must be a positive integer, or 0 or -1 for all tokens")
         check(number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be between 0 and 1")
         check(number(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty",
@@ -76,19 +86,23 @@ class SamplingParams:
               "must be between -2 and 2")
         check(number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
               "must be greater than 0")
+        check(isinstance(self.logit_bias, dict), "logit_bias", "must be a map from token ids to biases")
         for token, bias in self.logit_bias.items():
-            check(isinstance(token, int) and 0 <= token < vocab_size, "logit_bias",
+            check(integer(token) and 0 <= token < vocab_size, "logit_bias",
                   f"key {token!r} is not a token id of this vocabulary (0..{vocab_size - 1})")
             check(number(bias) and -100 <= bias <= 100, "logit_bias", f"value for token {token} must be between -100 and 100")
-        check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
-        check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1), "max_tokens",
+        # numpy's SeedSequence, which turns the seed into each choice's generator, takes no negative seed.
+        check(self.seed is None or (integer(self.seed) and self.seed >= 0), "seed", "must be a non-negative integer")
+        check(self.max_tokens is None or (integer(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
               "must be at least 1")
-        check(isinstance(self.n, int) and 1 <= self.n <= 128, "n", "must be between 1 and 128")
-        check(all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16, "stop",
-              "must be up to 16 non-empty strings")
-        check(all(isinstance(t, int) and 0 <= t < vocab_size for t in self.stop_token_ids), "stop",
-              "token ids must be token ids of this vocabulary")
-        check(isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= 20, "top_logprobs",
+        check(integer(self.n) and 1 <= self.n <= 128, "n", "must be between 1 and 128")
+        check(isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s for s in self.stop)
+              and len(self.stop) <= 16, "stop", "must be up to 16 non-empty strings")
+        check(isinstance(self.stop_token_ids, (list, tuple))  # the API takes stop token ids in `stop`
+              and all(integer(t) and 0 <= t < vocab_size for t in self.stop_token_ids), "stop",
+              f"token ids must be token ids of this vocabulary (0..{vocab_size - 1})")
+        check(isinstance(self.logprobs, bool), "logprobs", "must be true or false")
+        check(integer(self.top_logprobs) and 0 <= self.top_logprobs <= 20, "top_logprobs",
               "must be between 0 and 20")
         return self
 
@@ -111,7 +125,10 @@ def apply_penalties(logits, params, seen, generated_counts):
     if params.repetition_penalty != 1.0 and len(seen):
         ids = np.unique(np.asarray(seen, dtype=np.int64))
         row = logits[ids]
-        logits[ids] = np.where(row > 0, row / params.repetition_penalty, row * params.repetition_penalty)
+        with np.errstate(over="ignore"):
+            penalised = np.where(row > 0, row / params.repetition_penalty, row * params.repetition_penalty)
+        # An extreme penalty must not push a finite logit to +-inf: softmax needs a finite maximum.
+        logits[ids] = np.where(np.isfinite(row), np.clip(penalised, -FLOAT64_MAX, FLOAT64_MAX), row)
     if (params.presence_penalty or params.frequency_penalty) and generated_counts:
         ids = np.fromiter(generated_counts.keys(), dtype=np.int64)
         counts = np.fromiter(generated_counts.values(), dtype=np.float64)
@@ -119,10 +136,14 @@ def apply_penalties(logits, params, seen, generated_counts):
     return logits
 
 
-def softmax(logits):
-    """Probabilities of a float64 logits row; -inf becomes exactly 0."""
-    finite_max = np.max(logits)
-    e = np.exp(logits - finite_max)
+def softmax(logits, temperature=1.0):
+    """Probabilities of a float64 logits row at a temperature (step 4); -inf becomes exactly 0."""
+    top = np.max(logits)
+    # Shift by the maximum before dividing by T: with a tiny T, 1e30 / T would be inf and
+    # inf - inf NaN, whereas (x - max) / T is at most 0 (at worst -inf: probability 0, as meant).
+    with np.errstate(over="ignore"):
+        shifted = (logits - top) / temperature  # [V]
+    e = np.exp(shifted)
     return e / e.sum()
 
 
@@ -141,7 +162,9 @@ def filter_mask(probs, params):
         kept_probs = np.where(keep[order], probs[order], 0.0)
         mass_before = np.cumsum(kept_probs) - kept_probs  # mass of the more likely kept tokens
         top_p_keep = np.zeros_like(keep)
-        top_p_keep[order] = mass_before < params.top_p * kept_probs.sum()  # smallest prefix reaching p
+        # Smallest prefix reaching p. Divide the mass rather than multiply p: p * total can
+        # underflow to 0 for a tiny p, and then not even the most likely token would be kept.
+        top_p_keep[order] = mass_before / kept_probs.sum() < params.top_p
         keep &= top_p_keep
     if params.min_p > 0:
         keep &= probs >= params.min_p * np.max(np.where(keep, probs, 0.0))
@@ -164,7 +187,7 @@ def sample(logits, params, rng, seen=(), generated_counts=None):
         probs = np.zeros_like(logits)
         probs[token] = 1.0
         return SamplerStep(token, probs, probs > 0)
-    probs = softmax(logits / params.temperature)
+    probs = softmax(logits, params.temperature)
     kept = filter_mask(probs, params)
     weights = np.where(kept, probs, 0.0)
     cumulative = np.cumsum(weights)

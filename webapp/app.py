@@ -1,0 +1,123 @@
+"""The app factory: create_app(engine or ModelState, ServerConfig) -> a Flask WSGI app.
+
+Routes: POST /v1/chat/completions (chat.py), POST /v1/completions (completions.py),
+GET /v1/models, /health, /docs, /openapi.json (meta.py), and the WebSocket /v1/ws (ws.py).
+Around every request: an id and one log line, the API key check, CORS headers when asked for,
+and errors.py turning anything that goes wrong into OpenAI's error envelope.
+"""
+
+import hmac
+import os
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import flask_smorest
+from flask import Flask, g, request
+
+from refimpl import __version__
+
+from webapp import chat, completions, errors, meta, ws
+from webapp.common import RequestLog
+from webapp.engine_adapter import ModelState
+from webapp.errors import ApiError
+from webapp.schemas import ChatCompletionChunk, ErrorResponse, either2properties
+
+# Routes anyone may call when an API key is set: the health check and the documentation.
+PUBLIC_ENDPOINTS = {"models.health", "api-docs.openapi_json", "api-docs.openapi_swagger_ui", "docs_static",
+                    "openapi_alias"}
+
+
+def keep_alive_from_env():
+    """KEEP_ALIVE_INTERVAL in milliseconds, as mistral.rs reads it (default 10000)."""
+    value = os.environ.get("KEEP_ALIVE_INTERVAL", "10000")
+    if not value.isdigit() or int(value) <= 0:
+        raise ValueError(f"KEEP_ALIVE_INTERVAL must be a positive number of milliseconds, not {value!r}")
+    return int(value)
+
+
+@dataclass
+class ServerConfig:
+    api_key: str | None = None  # when set, every route but PUBLIC_ENDPOINTS needs "Authorization: Bearer KEY"
+    cors_origins: tuple = ()  # origins allowed to call from a browser ("*" for any); none: no CORS headers
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    keep_alive_ms: int = field(default_factory=keep_alive_from_env)
+
+
+class Api(flask_smorest.Api):
+    ERROR_SCHEMA = ErrorResponse  # every documented error response is OpenAI's envelope
+
+
+def create_app(engine_or_state, config=None):
+    """A Flask app serving an engine (webapp.engine_adapter.Engine) or a ModelState still loading one."""
+    config = config or ServerConfig()
+    state = engine_or_state if isinstance(engine_or_state, ModelState) else ModelState(engine_or_state)
+    app = Flask("webapp")
+    app.json.sort_keys = False  # keep OpenAI's field order
+    app.config.update(
+        MAX_CONTENT_LENGTH=config.max_body_bytes,
+        API_TITLE="refimpl", API_VERSION=__version__, OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/", OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="docs", OPENAPI_SWAGGER_UI_URL=meta.SWAGGER_UI_URL,
+        OPENAPI_SWAGGER_UI_CONFIG={"validatorUrl": None},  # Swagger UI would otherwise call validator.swagger.io
+        API_SPEC_OPTIONS=spec_options(config),
+    )
+    app.extensions["refimpl"] = SimpleNamespace(state=state, config=config)
+
+    api = Api(app)
+    api.ma_plugin.converter.add_attribute_function(either2properties)
+    api.spec.components.schema("ChatCompletionChunk", schema=ChatCompletionChunk)  # named by the SSE description
+    for blueprint in (chat.blp, completions.blp, meta.blp):
+        api.register_blueprint(blueprint)
+    meta.register_docs(app, api)
+    app.register_blueprint(ws.bp)
+    errors.register(app)
+
+    @app.before_request
+    def start():
+        g.log = RequestLog(request.method, request.path)
+        if config.api_key is not None and request.endpoint not in PUBLIC_ENDPOINTS and request.method != "OPTIONS":
+            check_api_key(config.api_key)
+
+    @app.after_request
+    def finish(response):
+        response.headers["X-Request-Id"] = g.log.request_id
+        if config.cors_origins:
+            add_cors_headers(response, config.cors_origins)
+        if response.mimetype != "text/event-stream":  # a stream logs itself when it ends
+            g.log.finish(response.status_code)
+        return response
+
+    return app
+
+
+def spec_options(config):
+    """OpenAPI document options: a description of the server's rules, and bearer auth when a key is set."""
+    options = {"info": {"description": (
+        "The HTTP API of mistral.rs (an OpenAI-compatible superset) on refimpl, a reference engine. "
+        "Unknown request fields are ignored; OpenAI features this server lacks (tools, functions, "
+        "response_format other than text, suffix, best_of) are refused with 400. Every error is OpenAI's "
+        "envelope {\"error\": {\"message\", \"type\", \"param\", \"code\"}}.")}}
+    if config.api_key is not None:
+        options["components"] = {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}
+        options["security"] = [{"bearer": []}]
+    return options
+
+
+def check_api_key(api_key):
+    """401 unless the request carries "Authorization: Bearer <key>" (compared in constant time)."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise ApiError(401, "missing or incorrect API key: send the header \"Authorization: Bearer <key>\"",
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def add_cors_headers(response, origins):
+    origin = request.headers.get("Origin")
+    if origin is None or ("*" not in origins and origin not in origins):
+        return
+    response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
+    response.headers["Vary"] = "Origin"
+    if request.method == "OPTIONS":  # a preflight
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        response.headers["Access-Control-Max-Age"] = "600"

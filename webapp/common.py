@@ -1,0 +1,86 @@
+"""What the routes share: the request log line, the model check, sampling parameters, response ids, usage."""
+
+import logging
+import secrets
+import time
+
+from flask import current_app, g
+
+from refimpl import __version__
+from refimpl.sampling import SamplingParams
+
+from webapp.errors import ApiError
+
+SYSTEM_FINGERPRINT = f"refimpl-{__version__}"
+log = logging.getLogger("refimpl.server")
+
+
+class RequestLog:
+    """One log line per request: id, method, path, status, tokens, seconds (never headers or bodies)."""
+
+    def __init__(self, method, path):
+        self.request_id, self.method, self.path = secrets.token_hex(8), method, path
+        self.start, self.usage, self.done = time.perf_counter(), None, False
+
+    def finish(self, status, note=""):
+        if self.done:
+            return
+        self.done = True
+        tokens = f" prompt={self.usage['prompt_tokens']} completion={self.usage['completion_tokens']}" \
+            if self.usage else ""
+        log.info("%s %s %s %d%s %.3fs%s", self.request_id, self.method, self.path, status, tokens,
+                 time.perf_counter() - self.start, f" ({note})" if note else "")
+
+
+def current_engine(requested_model):
+    """The loaded engine, if the request names it: "", "default" or its id (else 404 model_not_found)."""
+    engine = current_app.extensions["refimpl"].state.get()
+    if requested_model not in (None, "", "default", engine.model_id):
+        raise ApiError(404, f"the model {requested_model!r} does not exist; this server serves "
+                            f"{engine.model_id!r} (or use \"\" or \"default\")", "model", "model_not_found")
+    return engine
+
+
+def sampling_params(body, default_max_tokens, logprobs, top_logprobs):
+    """SamplingParams from a validated request body (null fields take OpenAI's defaults)."""
+    stop = body["stop"]
+    stop = [] if stop is None else stop if isinstance(stop, list) else [stop]
+
+    def given(name, default):
+        return default if body[name] is None else body[name]
+
+    return SamplingParams(
+        temperature=given("temperature", 1.0), top_p=given("top_p", 1.0), top_k=body["top_k"],
+        min_p=given("min_p", 0.0), presence_penalty=given("presence_penalty", 0.0),
+        frequency_penalty=given("frequency_penalty", 0.0), repetition_penalty=given("repetition_penalty", 1.0),
+        logit_bias={int(k): v for k, v in (body["logit_bias"] or {}).items()}, seed=body["seed"],
+        max_tokens=body["max_completion_tokens"] or body["max_tokens"] or default_max_tokens,
+        n=given("n", 1), stop=[s for s in stop if isinstance(s, str)],
+        stop_token_ids=[s for s in stop if isinstance(s, int)],
+        logprobs=logprobs, top_logprobs=top_logprobs)
+
+
+def include_usage(body):
+    return bool(body["stream_options"] and body["stream_options"]["include_usage"])
+
+
+def response_meta(prefix, object_name, engine):
+    """The fields every response and chunk starts with; the id carries the request id for the logs."""
+    return {"id": f"{prefix}-{g.log.request_id}", "object": object_name,
+            "created": int(time.time()), "model": engine.model_id, "system_fingerprint": SYSTEM_FINGERPRINT}
+
+
+def usage(usages):
+    """The seed's usage superset, summed over generations and measured by them (seconds, not guesses)."""
+    prompt = sum(u.prompt_tokens for u in usages)
+    completion = sum(u.completion_tokens for u in usages)
+    prompt_s = sum(u.prompt_seconds for u in usages)
+    completion_s = sum(u.completion_seconds for u in usages)
+
+    def rate(tokens, seconds):
+        return tokens / seconds if seconds > 0 else 0.0
+
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "avg_tok_per_sec": rate(prompt + completion, prompt_s + completion_s),
+            "avg_prompt_tok_per_sec": rate(prompt, prompt_s),
+            "avg_compl_tok_per_sec": rate(completion, completion_s)}

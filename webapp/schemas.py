@@ -1,0 +1,424 @@
+"""marshmallow schemas for every request and response, field names as OpenAI spells them.
+
+The OpenAPI document (/openapi.json) is generated from these classes; nothing in it is written
+by hand. Requests are read strictly, because a reference server should say when it was
+misunderstood rather than guess:
+
+- JSON types are exact: 3.0 is not an integer, "3" is not a number, 1 is not a boolean.
+- A field may be null wherever OpenAI allows it to be omitted; null means "the default".
+- Unknown fields are ignored (as mistral.rs and the OpenAI clients' extra fields expect), but
+  the OpenAI features this server does not implement (tools, functions, response_format other
+  than text, suffix, best_of > 1) are refused with 400, so that a request is never silently
+  answered as something other than what it asked for.
+
+Limits this server chooses where OpenAI and the seed are silent: n <= 16 (each choice keeps its
+own KV cache on a CPU), at most 64 prompts per completions request, at most 16 stop sequences,
+at most 1024 logit_bias entries, top_logprobs and completions' logprobs up to 20.
+"""
+
+import copy
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate, validates_schema
+
+MAX_N = 16
+MAX_PROMPTS = 64
+MAX_STOP = 16
+MAX_LOGIT_BIAS = 1024
+MAX_TOP_LOGPROBS = 20
+ROLES = ("system", "user", "assistant", "developer")
+
+
+# --- Strict JSON fields ---------------------------------------------------------------------
+
+def json_type(value):
+    """The JSON type name of a parsed value ("integer" for ints, never for booleans)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object" if isinstance(value, dict) else type(value).__name__
+
+
+class Integer(fields.Integer):
+    """A JSON integer: not true/false, not 3.0, not "3"."""
+
+    def __init__(self, **kwargs):
+        super().__init__(strict=True, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if json_type(value) != "integer":
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class Float(fields.Float):
+    """A finite JSON number (integer or decimal): not a string, not a boolean."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if json_type(value) not in ("integer", "number"):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class Boolean(fields.Boolean):
+    """JSON true or false only (marshmallow would also take "yes", 1, "on", ...)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if json_type(value) != "boolean":
+            raise self.make_error("invalid")
+        return value
+
+
+String = fields.String  # marshmallow's String already refuses non-strings
+
+
+class Either(fields.Field):
+    """A field with several JSON shapes, e.g. stop: "x" | ["x", "y"] | 7 | [7, 8].
+
+    The alternative is chosen by the value's JSON type, so an error names what is wrong inside
+    that shape (messages[2].role) rather than listing every shape that was not meant.
+    """
+
+    def __init__(self, **alternatives):
+        self.alternatives = {name: alternatives.pop(name) for name in list(alternatives)
+                             if isinstance(alternatives[name], fields.Field)}
+        super().__init__(**alternatives)
+
+    def _bind_to_schema(self, field_name, parent):
+        super()._bind_to_schema(field_name, parent)
+        self.alternatives = {kind: copy.deepcopy(field) for kind, field in self.alternatives.items()}
+        for field in self.alternatives.values():
+            field._bind_to_schema(field_name, self)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        kind = json_type(value)
+        if kind == "integer" and "integer" not in self.alternatives:
+            kind = "number"  # a JSON integer is also a number
+        if kind not in self.alternatives:
+            raise ValidationError(f"must be {' or '.join(self.describe())}, not {json_type(value)}")
+        return self.alternatives[kind].deserialize(value, attr, data, **kwargs)
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        return value
+
+    def describe(self):
+        return [{"array": "an array", "object": "an object", "integer": "an integer"}.get(k, f"a {k}")
+                for k in self.alternatives]
+
+
+def either2properties(converter, field, **kwargs):
+    """apispec attribute function: an Either field is documented as anyOf its alternatives."""
+    if not isinstance(field, Either):
+        return {}
+    return {"anyOf": [converter.field2property(f) for f in field.alternatives.values()]}
+
+
+class Unsupported(fields.Raw):
+    """An OpenAI field this server does not implement: only its neutral values are accepted."""
+
+    def __init__(self, neutral, what, **kwargs):
+        self.neutral, self.what = neutral, what
+        super().__init__(allow_none=True, load_default=None,
+                         metadata={"description": f"Not supported by this server: {what}. "
+                                                  f"Only {' or '.join(map(repr, neutral))} or null is accepted."},
+                         **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if value not in self.neutral:
+            raise ValidationError(f"is not supported by this server ({self.what})")
+        return None
+
+
+def optional(field_class, description, **kwargs):
+    """An optional, nullable field (OpenAI clients send null for 'not set')."""
+    return field_class(allow_none=True, load_default=None, metadata={"description": description}, **kwargs)
+
+
+def at_most_entries(limit):
+    def check(value):
+        if len(value) > limit:
+            raise ValidationError(f"at most {limit} entries")
+    return check
+
+
+def token_id(**kwargs):
+    return Integer(validate=validate.Range(min=0), **kwargs)
+
+
+# --- Requests -------------------------------------------------------------------------------
+
+class RequestSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE  # unknown fields are ignored (see the module docstring)
+
+
+class TextPart(RequestSchema):
+    type = String(required=True, validate=validate.OneOf(["text"]),
+                  metadata={"description": "Only text parts: this is a text-only model."})
+    text = String(required=True)
+
+
+class ChatMessage(RequestSchema):
+    role = String(required=True, validate=validate.OneOf(ROLES),
+                  metadata={"description": "developer is read as system."})
+    content = Either(string=String(), array=fields.List(fields.Nested(TextPart), validate=validate.Length(min=1)),
+                     required=True, metadata={"description": "The text, or a list of text parts (joined)."})
+    name = optional(String, "Ignored by the chat template of most models.")
+
+    @post_load
+    def flatten(self, data, **kwargs):
+        content = data["content"]
+        if isinstance(content, list):
+            content = "".join(part["text"] for part in content)
+        return {"role": "system" if data["role"] == "developer" else data["role"], "content": content}
+
+
+class StreamOptions(RequestSchema):
+    include_usage = optional(Boolean, "Send a last chunk with `choices: []` and the usage.")
+
+
+class SamplingFields(RequestSchema):
+    """The fields chat and completions share: the model, the sampler, stopping, streaming."""
+
+    model = String(allow_none=True, load_default="", metadata={
+        "description": "Empty, `default`, or the loaded model's id (see GET /v1/models)."})
+    max_tokens = optional(Integer, "Most tokens to generate (default: chat, up to the context window; "
+                                   "completions, 16).", validate=validate.Range(min=1))
+    max_completion_tokens = optional(Integer, "OpenAI's newer name for max_tokens.", validate=validate.Range(min=1))
+    n = Integer(allow_none=True, load_default=None, validate=validate.Range(min=1, max=MAX_N),
+                metadata={"description": f"Choices per prompt, 1 to {MAX_N} (default 1)."})
+    temperature = optional(Float, "0 to 2 (default 1); 0 is greedy.", validate=validate.Range(min=0, max=2))
+    top_p = optional(Float, "Nucleus sampling mass, greater than 0 and at most 1 (default 1).",
+                     validate=validate.Range(min=0, max=1, min_inclusive=False))
+    top_k = optional(Integer, "Keep the k most likely tokens; 0 or -1 (default) keeps all.",
+                     validate=validate.Range(min=-1))
+    min_p = optional(Float, "Keep tokens at least min_p times as likely as the top token (0 to 1).",
+                     validate=validate.Range(min=0, max=1))
+    presence_penalty = optional(Float, "-2 to 2 (default 0).", validate=validate.Range(min=-2, max=2))
+    frequency_penalty = optional(Float, "-2 to 2 (default 0).", validate=validate.Range(min=-2, max=2))
+    repetition_penalty = optional(Float, "Hugging Face's repetition penalty, greater than 0 (default 1).",
+                                  validate=validate.Range(min=0, min_inclusive=False))
+    logit_bias = fields.Dict(
+        keys=String(validate=validate.Regexp(r"^[0-9]{1,9}$", error="keys must be token ids written as strings")),
+        values=Float(validate=validate.Range(min=-100, max=100)),
+        allow_none=True, load_default=None, validate=at_most_entries(MAX_LOGIT_BIAS),
+        metadata={"description": "Token id (as a string) -> bias from -100 to 100, added to the logits.",
+                  "maxProperties": MAX_LOGIT_BIAS})
+    seed = optional(Integer, "Seed of this request's random generator: same seed, same tokens.",
+                    validate=validate.Range(min=0, max=2**64 - 1))
+    stop = Either(string=String(validate=validate.Length(min=1)), integer=token_id(),
+                  array=fields.List(Either(string=String(validate=validate.Length(min=1)), integer=token_id()),
+                                    validate=validate.Length(max=MAX_STOP)),
+                  allow_none=True, load_default=None,
+                  metadata={"description": f"Up to {MAX_STOP} stop strings and/or stop token ids. "
+                                           "The text stops before a stop string; a stop token is not part of it."})
+    stream = optional(Boolean, "Send server-sent events as the tokens are made.")
+    stream_options = fields.Nested(StreamOptions, allow_none=True, load_default=None)
+    user = optional(String, "Ignored.")
+
+    @validates_schema
+    def one_max_tokens(self, data, **kwargs):
+        a, b = data.get("max_tokens"), data.get("max_completion_tokens")
+        if a is not None and b is not None and a != b:
+            raise ValidationError("max_tokens and max_completion_tokens disagree; give one of them",
+                                  "max_completion_tokens")
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages = Either(array=fields.List(fields.Nested(ChatMessage), validate=validate.Length(min=1)),
+                      string=String(), required=True,
+                      metadata={"description": "The conversation; a plain string is one user message."})
+    logprobs = optional(Boolean, "Return the log-probability of each generated token.")
+    top_logprobs = optional(Integer, f"With logprobs: also the 0 to {MAX_TOP_LOGPROBS} most likely tokens "
+                                     "at each position.", validate=validate.Range(min=0, max=MAX_TOP_LOGPROBS))
+    tools = Unsupported(([],), "tool calls")
+    tool_choice = Unsupported(("none",), "tool calls")
+    functions = Unsupported(([],), "function calls")
+    function_call = Unsupported(("none",), "function calls")
+    response_format = Unsupported(({"type": "text"},), "structured output")
+
+    @validates_schema
+    def top_logprobs_needs_logprobs(self, data, **kwargs):
+        if data.get("top_logprobs") and not data.get("logprobs"):
+            raise ValidationError("top_logprobs needs logprobs set to true", "top_logprobs")
+
+    @post_load
+    def as_messages(self, data, **kwargs):
+        if isinstance(data["messages"], str):
+            data["messages"] = [{"role": "user", "content": data["messages"]}]
+        return data
+
+
+class CompletionRequest(SamplingFields):
+    prompt = Either(
+        string=String(),
+        array=fields.List(Either(string=String(), integer=token_id(),
+                                 array=fields.List(token_id(), validate=validate.Length(min=1))),
+                          validate=validate.Length(min=1)),
+        required=True,
+        metadata={"description": "A string, a list of strings, a list of token ids, or a list of token-id "
+                                 f"lists (at most {MAX_PROMPTS} prompts); each prompt gets its own n choices."})
+    echo = optional(Boolean, "Put the prompt before the completion (with logprobs: the prompt's too).")
+    logprobs = optional(Integer, f"Return log-probabilities, with this many (0 to {MAX_TOP_LOGPROBS}) most "
+                                 "likely alternatives per token.", validate=validate.Range(min=0, max=MAX_TOP_LOGPROBS))
+    suffix = Unsupported(("",), "insertion")
+    best_of = Unsupported((1,), "best_of > 1")
+
+    @post_load
+    def as_prompt_list(self, data, **kwargs):
+        """Normalise the four OpenAI prompt forms into a list of prompts, each a string or token ids."""
+        prompt = data["prompt"]
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif all(isinstance(p, int) for p in prompt):
+            prompts = [prompt]
+        elif all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt):
+            prompts = prompt
+        else:
+            raise ValidationError({"prompt": ["an array must hold only strings, only token ids, "
+                                              "or only arrays of token ids"]})
+        if len(prompts) > MAX_PROMPTS:
+            raise ValidationError({"prompt": [f"at most {MAX_PROMPTS} prompts per request"]})
+        data["prompt"] = prompts
+        return data
+
+
+# --- Responses ------------------------------------------------------------------------------
+
+class ResponseSchema(Schema):
+    """Response fields are dumped in declaration order, which is OpenAI's."""
+
+
+def req(field_class, *args, **kwargs):
+    """A response field that is always present (documented as required)."""
+    return field_class(*args, required=True, **kwargs)
+
+
+def nullable(field_class, *args, **kwargs):
+    return field_class(*args, required=True, allow_none=True, **kwargs)
+
+
+class Usage(ResponseSchema):
+    prompt_tokens = req(fields.Integer)
+    completion_tokens = req(fields.Integer, metadata={"description": "Includes the end-of-sequence token."})
+    total_tokens = req(fields.Integer)
+    avg_tok_per_sec = req(fields.Float, metadata={"description": "All tokens over prefill plus decode time."})
+    avg_prompt_tok_per_sec = req(fields.Float, metadata={"description": "Prompt tokens over prefill time."})
+    avg_compl_tok_per_sec = req(fields.Float, metadata={"description": "Generated tokens over decode time."})
+
+
+class TopLogprob(ResponseSchema):
+    token = req(fields.String, metadata={"description": "U+FFFD where the token holds part of a character."})
+    logprob = req(fields.Float)
+    bytes = req(fields.List, fields.Integer(), metadata={"description": "The token's exact UTF-8 bytes."})
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs = req(fields.List, fields.Nested(TopLogprob))
+
+
+class ChatLogprobs(ResponseSchema):
+    content = nullable(fields.List, fields.Nested(TokenLogprob))
+
+
+class ResponseMessage(ResponseSchema):
+    role = req(fields.String)
+    content = req(fields.String)
+
+
+class ChatChoice(ResponseSchema):
+    index = req(fields.Integer)
+    message = req(fields.Nested, ResponseMessage)
+    logprobs = nullable(fields.Nested, ChatLogprobs)
+    finish_reason = req(fields.String, validate=validate.OneOf(["stop", "length"]))
+
+
+class CompletionMeta(ResponseSchema):
+    id = req(fields.String)
+    object = req(fields.String)
+    created = req(fields.Integer, metadata={"description": "Unix time in seconds."})
+    model = req(fields.String)
+    system_fingerprint = req(fields.String)
+
+
+class ChatCompletionResponse(CompletionMeta):
+    choices = req(fields.List, fields.Nested(ChatChoice))
+    usage = req(fields.Nested, Usage)
+
+
+class ChatDelta(ResponseSchema):
+    role = fields.String(metadata={"description": "In each choice's first chunk only."})
+    content = fields.String()
+
+
+class ChatChunkChoice(ResponseSchema):
+    index = req(fields.Integer)
+    delta = req(fields.Nested, ChatDelta)
+    logprobs = nullable(fields.Nested, ChatLogprobs)
+    finish_reason = nullable(fields.String)
+
+
+class ChatCompletionChunk(CompletionMeta):
+    """One server-sent event of a streamed chat completion (object chat.completion.chunk)."""
+    choices = req(fields.List, fields.Nested(ChatChunkChoice))
+    usage = fields.Nested(Usage, allow_none=True, metadata={
+        "description": "With stream_options.include_usage: null in every chunk but the last, whose choices are []."})
+
+
+class LegacyLogprobs(ResponseSchema):
+    tokens = req(fields.List, fields.String())
+    token_logprobs = req(fields.List, fields.Float(allow_none=True),
+                         metadata={"description": "null for the first prompt token (it has no prefix)."})
+    top_logprobs = req(fields.List, fields.Dict(keys=fields.String(), values=fields.Float(), allow_none=True))
+    text_offset = req(fields.List, fields.Integer())
+
+
+class CompletionChoice(ResponseSchema):
+    index = req(fields.Integer, metadata={"description": "prompt index * n + choice index"})
+    text = req(fields.String)
+    logprobs = nullable(fields.Nested, LegacyLogprobs)
+    finish_reason = nullable(fields.String, metadata={"description": "null in streamed chunks until the last."})
+
+
+class CompletionResponse(CompletionMeta):
+    """A completion, and also each streamed chunk of one (OpenAI uses text_completion for both)."""
+    choices = req(fields.List, fields.Nested(CompletionChoice))
+    usage = fields.Nested(Usage, allow_none=True)
+
+
+class Model(ResponseSchema):
+    id = req(fields.String)
+    object = req(fields.String)
+    created = req(fields.Integer)
+    owned_by = req(fields.String)
+
+
+class ModelList(ResponseSchema):
+    object = req(fields.String)
+    data = req(fields.List, fields.Nested(Model))
+
+
+class Health(ResponseSchema):
+    status = req(fields.String)
+    model = req(fields.String)
+
+
+class ErrorDetail(ResponseSchema):
+    message = req(fields.String)
+    type = req(fields.String)
+    param = nullable(fields.String)
+    code = nullable(fields.String)
+
+
+class ErrorResponse(ResponseSchema):
+    """OpenAI's error envelope: every error this server returns has this shape."""
+    error = req(fields.Nested, ErrorDetail)
+

@@ -1,0 +1,64 @@
+"""Run the app: gunicorn by default (one process holding the model, a pool of threads), Flask's
+development server with --dev.
+
+gunicorn's gthread worker streams responses as they are written and hands WebSocket upgrades
+to flask-sock. One worker process means one copy of the weights; its threads share them (see
+engine_adapter for how their steps take turns). The worker timeout is off: a long generation or
+a quiet stream is not a hung worker.
+
+The model loads in a background thread of the worker, so /health answers 503 until it is ready.
+"""
+
+import logging
+
+from gunicorn.app.base import BaseApplication
+
+from webapp.app import ServerConfig, create_app
+from webapp.engine_adapter import Engine, ModelState
+
+log = logging.getLogger("refimpl.server")
+
+
+def make_app(model_path, model_id, device, config):
+    """The app, with the model loading in the background."""
+    state = ModelState().load_in_background(lambda: Engine.load(model_path, model_id, device))
+    return create_app(state, config)
+
+
+class Gunicorn(BaseApplication):
+    """gunicorn driven from Python: our options, our app (built in the worker, after the fork)."""
+
+    def __init__(self, build_app, options):
+        self.build_app, self.options = build_app, options
+        super().__init__()
+
+    def load_config(self):
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        return self.build_app()
+
+
+def serve(model_path, model_id, host="127.0.0.1", port=8080, api_key=None, cors_origins=(),
+          max_body_bytes=1 << 20, threads=8, device="cpu", dev=False):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(api_key=api_key, cors_origins=tuple(cors_origins), max_body_bytes=max_body_bytes)
+    log.info("serving %s on http://%s:%d/v1 (docs: /docs)%s", model_id, host, port,
+             "; API key required" if api_key else "")
+    if dev:
+        make_app(model_path, model_id, device, config).run(host=host, port=port, threaded=True)
+        return 0
+    Gunicorn(lambda: make_app(model_path, model_id, device, config), {
+        "bind": f"{host}:{port}",
+        "workers": 1,
+        "worker_class": "gthread",
+        "threads": threads,
+        "timeout": 0,
+        "graceful_timeout": 5,
+        "accesslog": None,  # our own line per request (app.py) instead
+        "errorlog": "-",
+        "loglevel": "info",
+        "control_socket_disable": True,  # several servers on one machine would share its path
+    }).run()
+    return 0
