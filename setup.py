@@ -26,6 +26,7 @@ setup(
         "simple-websocket>=1.1",
         "gunicorn>=27",
         "swagger-ui-bundle>=1.1",
+        "prometheus-client>=0.17",
     ],
     extras_require={
         # The GPU path: the same code with CuPy as the array namespace.

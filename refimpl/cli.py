@@ -50,7 +50,11 @@ def main(argv=None):
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser calls from this origin, or * for any (repeatable; default: no CORS headers)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
-    p.add_argument("--threads", type=int, default=8, help="requests served at once (they share one model)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="HTTP connections served at once (default: max-seqs + max-queue + 8, so that a full "
+                        "server still answers 429 at once)")
+    p.add_argument("--max-seqs", type=int, default=16, help="sequences decoded together in one batch")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for the batch; beyond: 429")
     p.add_argument("--dev", action="store_true", help="Flask's development server instead of gunicorn")
     p.set_defaults(run=cmd_serve)
 
@@ -169,8 +173,8 @@ def cmd_serve(args):
     path = resolve_model(args.model)
     model_id = args.model if args.model in KNOWN_MODELS else Path(path).resolve().name
     return serve(path, model_id, host=args.host, port=args.port, api_key=args.api_key,
-                 cors_origins=args.cors_origin, max_body_bytes=args.max_body_bytes, threads=args.threads,
-                 device=args.device, dev=args.dev)
+                 cors_origins=args.cors_origin, max_body_bytes=args.max_body_bytes, threads=args.threads or args.max_seqs + args.max_queue + 8,
+                 device=args.device, dev=args.dev, max_seqs=args.max_seqs, max_queue=args.max_queue)
 
 
 def cmd_chat(args):

@@ -16,7 +16,7 @@ from flask import Flask, g, request
 
 from refimpl import __version__
 
-from webapp import chat, completions, errors, meta, ws
+from webapp import chat, completions, errors, meta, metrics, ws
 from webapp.common import RequestLog
 from webapp.engine_adapter import ModelState
 from webapp.errors import ApiError
@@ -61,7 +61,8 @@ def create_app(engine_or_state, config=None):
         OPENAPI_SWAGGER_UI_CONFIG={"validatorUrl": None},  # Swagger UI would otherwise call validator.swagger.io
         API_SPEC_OPTIONS=spec_options(config),
     )
-    app.extensions["refimpl"] = SimpleNamespace(state=state, config=config)
+    app.extensions["refimpl"] = SimpleNamespace(state=state, config=config, metrics=metrics.Metrics(state))
+    state.on_ready(lambda engine: setattr(engine, "metrics", app.extensions["refimpl"].metrics))
 
     api = Api(app)
     api.ma_plugin.converter.add_attribute_function(either2properties)
@@ -70,6 +71,7 @@ def create_app(engine_or_state, config=None):
         api.register_blueprint(blueprint)
     meta.register_docs(app, api)
     app.register_blueprint(ws.bp)
+    app.register_blueprint(metrics.bp)
     errors.register(app)
 
     @app.before_request
@@ -83,6 +85,7 @@ def create_app(engine_or_state, config=None):
         response.headers["X-Request-Id"] = g.log.request_id
         if config.cors_origins:
             add_cors_headers(response, config.cors_origins)
+        app.extensions["refimpl"].metrics.requests.labels(str(response.status_code)).inc()
         if response.mimetype != "text/event-stream":  # a stream logs itself when it ends
             g.log.finish(response.status_code)
         return response

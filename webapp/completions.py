@@ -63,7 +63,18 @@ def prepare(body):
     engine = current_engine(body["model"])
     params = sampling_params(body, DEFAULT_MAX_TOKENS, body["logprobs"] is not None, body["logprobs"] or 0)
     runs = []
-    for p, prompt in enumerate(body["prompt"]):
+    try:
+        submit_all(engine, body["prompt"], params, runs)
+    except Exception:
+        engine.cancel(run.generation for run in runs)  # the earlier prompts were already queued
+        raise
+    return CompletionJob(engine, runs, response_meta("cmpl", "text_completion", engine), params.n,
+                         bool(body["echo"]), body["logprobs"], include_usage(body), g.log)
+
+
+def submit_all(engine, prompts, params, runs):
+    """Tokenize and submit every prompt, appending a Run for each to runs."""
+    for p, prompt in enumerate(prompts):
         if isinstance(prompt, str):
             ids, text = engine.text_prompt(prompt), prompt
         else:
@@ -75,8 +86,6 @@ def prepare(body):
         if not ids:
             raise ApiError(400, "prompt: the prompt is empty; at least one token is needed", "prompt", "invalid_value")
         runs.append(Run(p * params.n, ids, text, engine.start(ids, params)))
-    return CompletionJob(engine, runs, response_meta("cmpl", "text_completion", engine), params.n,
-                         bool(body["echo"]), body["logprobs"], include_usage(body), g.log)
 
 
 class LegacyLogprobs:

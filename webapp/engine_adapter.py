@@ -1,19 +1,20 @@
 """The one place the server calls the engine: a model loaded once, shared by every request thread.
 
-A forward pass mutates only its own request's KV cache, so overlapping requests are safe, but
-two forward passes at once make NumPy's BLAS threads fight over a small machine's cores. So
-each step of each generation (one next() on its event iterator) and each prompt scoring holds
-one process-wide lock, handed to waiting threads in arrival order: overlapping requests
-interleave step by step instead of one starving the other. The batching engine (issue 5)
-replaces this module, and nothing else in webapp needs to change.
+Request threads never run the model. They submit to refimpl's batching engine, whose own thread
+runs one forward pass per step over every running sequence, and read their request's events.
+A full queue is refused at once with 429 and Retry-After; a client that goes away (the event
+iterator is closed before the end) has its request cancelled, which frees its KV caches within
+one engine step.
 """
 
-import collections
 import logging
 import threading
+import time
 from pathlib import Path
 
-from refimpl.generate import default_stop_ids, generate, prompt_logprobs, token_text
+from refimpl.engine import Engine as BatchingEngine
+from refimpl.engine import EngineFull, EngineStopped
+from refimpl.generate import default_stop_ids, prompt_logprobs, token_text
 from refimpl.model import load_model
 from refimpl.tokenizer import Tokenizer
 
@@ -22,45 +23,20 @@ from webapp.errors import ApiError
 log = logging.getLogger("refimpl.server")
 
 
-class FairLock:
-    """A mutex granted in the order it was asked for (threading.Lock lets the releaser barge back in)."""
-
-    def __init__(self):
-        self._mutex = threading.Lock()
-        self._waiters = collections.deque()
-        self._held = False
-
-    def __enter__(self):
-        with self._mutex:
-            if not self._held:
-                self._held = True
-                return self
-            turn = threading.Lock()
-            turn.acquire()
-            self._waiters.append(turn)
-        turn.acquire()  # released by the holder before us: the lock is handed over, still held
-        return self
-
-    def __exit__(self, *exc):
-        with self._mutex:
-            if self._waiters:
-                self._waiters.popleft().release()
-            else:
-                self._held = False
-
-
 class Engine:
-    """A model, its tokenizer and stop ids, and the lock that serialises their use."""
+    """A model, its tokenizer and stop ids, and the batching engine that runs them."""
 
-    def __init__(self, model, tokenizer, stop_ids, model_id):
+    def __init__(self, model, tokenizer, stop_ids, model_id, max_seqs=16, max_queue=64):
         self.model, self.tokenizer, self.stop_ids, self.model_id = model, tokenizer, set(stop_ids), model_id
         self.vocab_size = model.config.vocab_size
-        self.lock = FairLock()
+        self.batcher = BatchingEngine(model, tokenizer, stop_ids, max_seqs=max_seqs, max_queue=max_queue)
+        self.metrics = None  # webapp.metrics.Metrics, set by the app
 
     @classmethod
-    def load(cls, path, model_id=None, device="cpu"):
+    def load(cls, path, model_id=None, device="cpu", max_seqs=16, max_queue=64):
         model, tokenizer = load_model(path, device), Tokenizer.from_dir(path)
-        return cls(model, tokenizer, default_stop_ids(tokenizer, model.config, path), model_id or Path(path).name)
+        return cls(model, tokenizer, default_stop_ids(tokenizer, model.config, path), model_id or Path(path).name,
+                   max_seqs, max_queue)
 
     def chat_prompt(self, messages):
         return self.tokenizer.encode_chat(messages)
@@ -72,44 +48,68 @@ class Engine:
         return self.tokenizer.decode(ids)
 
     def piece(self, token_id):
-        """(text, bytes) of one prompt token; special tokens are spelled out (<|im_start|>), as decode does."""
-        if token_id in self.tokenizer.special_ids:
-            text = self.tokenizer.decode([token_id])
-            return text, list(text.encode("utf-8"))
+        """(text, bytes) of one token as the logprobs show it."""
         return token_text(self.tokenizer, token_id)
 
     def start(self, prompt_ids, params):
-        """A generation, checked but not started: raises InvalidParameter or ContextLengthExceeded."""
-        return generate(self.model, self.tokenizer, prompt_ids, params, self.stop_ids)
+        """Submit a generation: raises InvalidParameter or ContextLengthExceeded (400), 429 when the
+        queue is full, 503 while shutting down; nothing is queued unless it can run."""
+        try:
+            return self.batcher.submit(prompt_ids, params)
+        except EngineFull as err:
+            raise ApiError(429, f"the server is busy: {err}; retry shortly", code="rate_limit_exceeded",
+                           type="rate_limit_error", headers={"Retry-After": "1"}) from None
+        except EngineStopped as err:
+            raise ApiError(503, str(err), code="server_shutting_down") from None
 
-    def events(self, generation):
-        """The generation's events, each step computed under the lock."""
-        steps = iter(generation)
-        while True:
-            with self.lock:
-                event = next(steps, None)
-            if event is None:
-                return
-            yield event
+    def cancel(self, requests):
+        for request in requests:
+            request.cancel()
+
+    def events(self, request):
+        """The request's events as the engine produces them; closing early cancels the request."""
+        started, last, finished = time.perf_counter(), None, False
+        try:
+            for event in request:
+                now = time.perf_counter()
+                if self.metrics:
+                    self.metrics.token(now - (last or started), first=last is None)
+                last = now
+                yield event
+            finished = True
+        finally:
+            if not finished:
+                request.cancel()
+                if self.metrics:
+                    self.metrics.disconnects.inc()
 
     def score(self, ids, top):
-        """Prompt log-probabilities (for echo), under the lock."""
-        with self.lock:
-            return prompt_logprobs(self.model, self.tokenizer, ids, top)
+        """Prompt log-probabilities (for echo): one full pass, outside the engine's batch."""
+        return prompt_logprobs(self.model, self.tokenizer, ids, top)
 
 
 class ModelState:
     """The engine once it is loaded; until then (or if loading failed) requests get 503."""
 
     def __init__(self, engine=None):
-        self.engine, self.error = engine, None
+        self.engine, self.error, self.ready_callbacks = engine, None, []
+
+    def on_ready(self, callback):
+        """Call callback(engine) once the engine is loaded (now, if it already is)."""
+        if self.engine is not None:
+            callback(self.engine)
+        else:
+            self.ready_callbacks.append(callback)
 
     def load_in_background(self, load):
         """Start load() in a thread, so that the server answers /health while the weights are read."""
         def run():
             try:
-                self.engine = load()
-                log.info("model %s loaded", self.engine.model_id)
+                engine = load()
+                for callback in self.ready_callbacks:
+                    callback(engine)
+                self.engine = engine  # requests see it only once it is complete
+                log.info("model %s loaded", engine.model_id)
             except Exception as err:  # reported by /health and every request
                 log.exception("loading the model failed")
                 self.error = f"{type(err).__name__}: {err}"

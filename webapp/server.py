@@ -19,10 +19,12 @@ from webapp.engine_adapter import Engine, ModelState
 log = logging.getLogger("refimpl.server")
 
 
-def make_app(model_path, model_id, device, config):
+def make_app(model_path, model_id, device, config, max_seqs=16, max_queue=64):
     """The app, with the model loading in the background."""
-    state = ModelState().load_in_background(lambda: Engine.load(model_path, model_id, device))
-    return create_app(state, config)
+    state = ModelState()
+    app = create_app(state, config)
+    state.load_in_background(lambda: Engine.load(model_path, model_id, device, max_seqs, max_queue))
+    return app
 
 
 class Gunicorn(BaseApplication):
@@ -41,15 +43,15 @@ class Gunicorn(BaseApplication):
 
 
 def serve(model_path, model_id, host="127.0.0.1", port=8080, api_key=None, cors_origins=(),
-          max_body_bytes=1 << 20, threads=8, device="cpu", dev=False):
+          max_body_bytes=1 << 20, threads=8, device="cpu", dev=False, max_seqs=16, max_queue=64):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(api_key=api_key, cors_origins=tuple(cors_origins), max_body_bytes=max_body_bytes)
     log.info("serving %s on http://%s:%d/v1 (docs: /docs)%s", model_id, host, port,
              "; API key required" if api_key else "")
     if dev:
-        make_app(model_path, model_id, device, config).run(host=host, port=port, threaded=True)
+        make_app(model_path, model_id, device, config, max_seqs, max_queue).run(host=host, port=port, threaded=True)
         return 0
-    Gunicorn(lambda: make_app(model_path, model_id, device, config), {
+    Gunicorn(lambda: make_app(model_path, model_id, device, config, max_seqs, max_queue), {
         "bind": f"{host}:{port}",
         "workers": 1,
         "worker_class": "gthread",

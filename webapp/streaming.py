@@ -7,8 +7,8 @@ chunk (a long prefill, or other requests holding the model), it sends the SSE co
 
 When the client goes away, the WSGI server closes the response; the producer notices at its
 next step and stops generating. An error after the first event can no longer change the
-status, so it is sent as one last event holding OpenAI's error envelope (the openai client
-raises it as an APIError), without [DONE].
+status, so it is sent as one event holding OpenAI's error envelope (the openai client raises it
+as an APIError), followed by [DONE].
 """
 
 import json
@@ -69,6 +69,7 @@ def events(chunks, schema, keep_alive_s, log):
             elif kind == "error":
                 status = "error"
                 yield data(from_exception(item, request_id=log.request_id).envelope())
+                yield DONE  # the stream is over: clients waiting for [DONE] are not left hanging
                 return
             else:
                 status = "done"
