@@ -77,8 +77,8 @@ def rms_norm(xp, x, weight, eps):
 
 
 def linear(x, w, name, bias):
-    """x @ W.T (+ b) with the checkpoint's [out, in] weight named `name`."""
-    y = x @ w[name + ".weight"].T
+    """x @ W (+ b): the weight named `name`, stored [in, out] (weights.arrange_layer)."""
+    y = x @ w[name + ".weight"]
     return y + w[name + ".bias"] if bias else y
 
 

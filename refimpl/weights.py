@@ -7,7 +7,8 @@ F16 and BF16 are converted to float32, the one dtype refimpl computes in. NumPy 
 so BF16 is widened by hand: a bfloat16 is the top 16 bits of a float32.
 
 Weights keep their Hugging Face names; per-layer tensors drop the `model.layers.{i}.` prefix,
-and q/k/v and gate/up are stacked into one matrix each (see fuse_projections).
+q/k/v and gate/up are stacked into one matrix each, and projections are stored [in, out]
+(see arrange_layer).
 """
 
 import json
@@ -94,13 +95,16 @@ def to_float32(name, dtype, shape, data):
     return x.reshape(shape)
 
 
-def fuse_projections(layer):
-    """Stack the projections that read the same input into one matrix each.
+def arrange_layer(layer):
+    """Lay one block's matrices out the way BLAS reads them fastest; the numbers stay the checkpoint's.
 
-    q, k and v all read the normalised block input, and so do gate and up in the MLP; one
-    [960, 576] product runs about 25% faster through BLAS than three smaller ones, and a decode
-    step makes fewer calls. The stacked rows are exactly the checkpoint's rows (vLLM does the
-    same): self_attn.qkv_proj = [q_proj; k_proj; v_proj], mlp.gate_up_proj = [gate_proj; up_proj].
+    - Projections that read the same input are stacked into one matrix each: q, k and v all
+      read the normalised block input, and so do gate and up in the MLP; one [576, 960] product
+      runs about 25% faster than three smaller ones, and a step makes fewer calls (vLLM does the
+      same): self_attn.qkv_proj = [q_proj; k_proj; v_proj], mlp.gate_up_proj = [gate_proj; up_proj].
+    - Every projection matrix is stored transposed, [in, out] instead of the checkpoint's
+      [out, in], so that `x @ W` is a plain row-major product: with x of 1 to 16 rows (decoding)
+      OpenBLAS runs it about 25% faster than `x @ W.T` on this layout's transpose.
     """
     fused = dict(layer)
     for new, parts in (("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
@@ -109,7 +113,7 @@ def fuse_projections(layer):
             names = [f"{part}.{kind}" for part in parts]
             if names[0] in fused:
                 fused[f"{new}.{kind}"] = np.concatenate([fused.pop(n) for n in names], axis=0)
-    return fused
+    return {name: np.ascontiguousarray(t.T) if t.ndim == 2 else t for name, t in fused.items()}
 
 
 def load_weights(path, cfg, xp):
@@ -138,7 +142,7 @@ def load_weights(path, cfg, xp):
     for i in range(cfg.num_hidden_layers):
         prefix = f"model.layers.{i}."
         layer = {n[len(prefix):]: tensors.pop(n) for n in list(tensors) if n.startswith(prefix)}
-        layers.append({name: xp.asarray(t) for name, t in fuse_projections(layer).items()})
+        layers.append({name: xp.asarray(t) for name, t in arrange_layer(layer).items()})
     embed = take("model.embed_tokens.weight")
     lm_head = embed if cfg.tie_word_embeddings else take("lm_head.weight")
     return Weights(embed_tokens=embed, layers=layers, norm=take("model.norm.weight"), lm_head=lm_head)
