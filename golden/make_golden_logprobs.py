@@ -28,7 +28,6 @@ exact 16-bit -> float32 conversion reproduces it.
 """
 
 import datetime
-import hashlib
 import json
 import math
 import platform
@@ -165,17 +164,9 @@ CHATS = {
 }
 
 
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def make_default_model():
     """Golden file for SmolLM2-135M-Instruct, from its GGUF dequantized to float32."""
-    from refimpl.pull import fetch_gguf
+    from refimpl.pull import fetch_gguf, sha256_of
 
     path = fetch_gguf()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

