@@ -68,6 +68,21 @@ def test_streams_closed_early_free_their_sequences(server):
     assert time.monotonic() - start < 5
 
 
+def test_a_closed_stream_cancels_every_prompt_of_a_completion(server):
+    body = {"prompt": ["one", "two"], "max_tokens": 400, "temperature": 0, "stream": True}
+    generated = metric(server, "refimpl_generated_tokens_total")
+    with requests.post(f"{server.base}/v1/completions", json=body, stream=True, timeout=60) as response:
+        assert response.status_code == 200
+        next(line for line in response.iter_lines() if line.startswith(b"data: "))
+    deadline = time.monotonic() + 2
+    while metric(server, "refimpl_running_sequences") + metric(server, "refimpl_waiting_requests") \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(server, "refimpl_running_sequences") == metric(server, "refimpl_waiting_requests") == 0
+    # Neither prompt ran on to its 400 tokens for nobody (the second never even streamed).
+    assert metric(server, "refimpl_generated_tokens_total") - generated < 400
+
+
 def test_health_answers_quickly_while_generation_is_saturated(server):
     stop = threading.Event()
 

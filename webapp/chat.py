@@ -4,7 +4,8 @@ from dataclasses import dataclass
 
 from flask import current_app, g
 
-from webapp.common import current_engine, include_usage, response_meta, sampling_params, usage
+from webapp.common import (cancelling_at_exit, current_engine, include_usage, response_meta, sampling_params,
+                            usage)
 from webapp.parsing import Blueprint
 from webapp.schemas import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
 from webapp.streaming import SSE_EVENT, sse_response
@@ -14,7 +15,7 @@ blp = Blueprint("chat", __name__, url_prefix="/v1", description="Chat completion
 
 @dataclass
 class ChatJob:
-    """A validated chat request, ready to run: nothing has been computed yet."""
+    """A validated chat request, submitted to the engine."""
     engine: object
     generation: object
     meta: dict
@@ -32,8 +33,9 @@ def create_chat_completion(body):
     """Create a chat completion (set stream for server-sent events)."""
     job = prepare(body)
     if body["stream"]:
-        return sse_response(chunks(job), ChatCompletionChunk(), current_app.extensions["refimpl"].config.keep_alive_ms,
-                            g.log)
+        stream = cancelling_at_exit(job.engine, [job.generation], chunks(job))
+        keep_alive_ms = current_app.extensions["refimpl"].config.keep_alive_ms
+        return sse_response(stream, ChatCompletionChunk(), keep_alive_ms, g.log)
     return complete(job)
 
 

@@ -84,3 +84,15 @@ def usage(usages):
             "avg_tok_per_sec": rate(prompt + completion, prompt_s + completion_s),
             "avg_prompt_tok_per_sec": rate(prompt, prompt_s),
             "avg_compl_tok_per_sec": rate(completion, completion_s)}
+
+
+def cancelling_at_exit(engine, requests, chunks):
+    """Yield from chunks; however that ends (done, the client gone, an error), cancel the requests.
+
+    Cancelling a finished request does nothing; one that never started streaming (the client
+    left during another prompt's turn) is freed instead of running to its end for nobody.
+    """
+    try:
+        yield from chunks
+    finally:
+        engine.cancel(requests)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from flask import current_app, g
 
-from webapp.common import current_engine, include_usage, response_meta, sampling_params, usage
+from webapp.common import (cancelling_at_exit, current_engine, include_usage, response_meta, sampling_params,
+                            usage)
 from webapp.errors import ApiError
 from webapp.parsing import Blueprint
 from webapp.schemas import CompletionRequest, CompletionResponse
@@ -26,7 +27,7 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
 @dataclass
 class Run:
-    """One prompt of the request and its generation (not started yet)."""
+    """One prompt of the request and its generation (submitted to the engine)."""
     first_index: int
     ids: list
     text: str
@@ -53,9 +54,10 @@ def create_completion(body):
     """Create a completion for one or several prompts (set stream for server-sent events)."""
     job = prepare(body)
     if body["stream"]:
-        return sse_response(chunks(job), CompletionResponse(), current_app.extensions["refimpl"].config.keep_alive_ms,
-                            g.log)
-    return complete(job)
+        stream = cancelling_at_exit(job.engine, [run.generation for run in job.runs], chunks(job))
+        keep_alive_ms = current_app.extensions["refimpl"].config.keep_alive_ms
+        return sse_response(stream, CompletionResponse(), keep_alive_ms, g.log)
+    return complete_all(job)
 
 
 def prepare(body):
@@ -143,6 +145,14 @@ def start_choices(job, run):
         token, raw = job.engine.piece(token_id)
         prompt.add(token, raw, None if entry is None else entry.logprob, None if entry is None else entry.top)
     return [Choice(run.text, prompt.continued(len(run.text))) for _ in range(job.n)]
+
+
+def complete_all(job):
+    """The whole response; if one prompt fails, the others' requests are cancelled, not left running."""
+    try:
+        return complete(job)
+    finally:
+        job.engine.cancel(run.generation for run in job.runs)
 
 
 def complete(job):
