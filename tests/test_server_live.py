@@ -250,7 +250,7 @@ def test_client_going_away_stops_the_generation(server):
     while f"{request_id} POST /v1/chat/completions 200" not in server.log() and time.monotonic() < deadline:
         time.sleep(0.2)
     line = next(x for x in server.log().splitlines() if request_id in x)
-    assert "stream cancelled" in line, line
+    assert "finish_reason canceled" in line, line
 
 
 def test_websocket(server):

@@ -61,7 +61,8 @@ def create_app(engine_or_state, config=None):
         OPENAPI_SWAGGER_UI_CONFIG={"validatorUrl": None},  # Swagger UI would otherwise call validator.swagger.io
         API_SPEC_OPTIONS=spec_options(config),
     )
-    app.extensions["refimpl"] = SimpleNamespace(state=state, config=config, metrics=metrics.Metrics(state))
+    app.extensions["refimpl"] = SimpleNamespace(state=state, config=config, metrics=metrics.Metrics(state),
+                                                draining=False)
     state.on_ready(lambda engine: setattr(engine, "metrics", app.extensions["refimpl"].metrics))
 
     api = Api(app)
@@ -77,6 +78,9 @@ def create_app(engine_or_state, config=None):
     @app.before_request
     def start():
         g.log = RequestLog(request.method, request.path)
+        if app.extensions["refimpl"].draining:  # SIGTERM: finish what runs, admit nothing new
+            raise ApiError(503, "the server is shutting down; retry on another instance or later",
+                           code="server_shutting_down", headers={"Retry-After": "5"})
         if config.api_key is not None and request.endpoint not in PUBLIC_ENDPOINTS and request.method != "OPTIONS":
             check_api_key(config.api_key)
 

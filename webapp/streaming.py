@@ -77,4 +77,5 @@ def events(chunks, schema, keep_alive_s, log):
                 return
     finally:
         cancelled.set()
-        log.finish(200, note="" if status == "done" else f"stream {status}")
+        notes = {"done": "", "cancelled": "finish_reason canceled: the client disconnected", "error": "stream error"}
+        log.finish(200, note=notes[status])
