@@ -57,9 +57,7 @@ class Request:
         self.cache = None  # the prompt's cache while prefilling
         self.prefilled = 0  # prompt positions already in that cache
         self.choices = None  # [(index, Choice)] once the prompt is done
-        self.submitted = time.perf_counter()
-        self.prefill_started = self.decode_started = self.first_token_at = None
-        self.finish_reasons = []
+        self.prefill_started = self.decode_started = None
 
     @property
     def usage(self):
@@ -140,7 +138,6 @@ class Engine:
         self.stopping = False
         self.stats = {"tokens_generated": 0, "prompt_tokens_computed": 0, "steps": 0, "cancelled": 0, "failed": 0,
                       "prefix_hits": 0}
-        self.on_finish = None  # optional callback(request, reason) for metrics and logs
         self.thread = threading.Thread(target=self.run, name="refimpl-engine", daemon=True)
         self.thread.start()
 
@@ -277,12 +274,8 @@ class Engine:
             self.fail(request, error)
             return
         self.stats["tokens_generated"] += 1
-        if request.first_token_at is None:
-            request.first_token_at = time.perf_counter()
         gen.usage.completion_seconds = time.perf_counter() - request.decode_started
         request.events.put(event)
-        if event.finish_reason:
-            request.finish_reasons.append(event.finish_reason)
         if all(c.finished for _, c in request.choices):
             self.finish(request, "finished")
 
@@ -295,8 +288,6 @@ class Engine:
         for _, choice in request.choices or []:
             choice.cache = None
         request.events.put(DONE)
-        if self.on_finish:
-            self.on_finish(request, reason)
 
     def fail(self, request, error):
         self.stats["failed"] += 1

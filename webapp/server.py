@@ -46,6 +46,8 @@ class DrainingWorker(ThreadWorker):
     def drain(self, state):
         deadline = time.monotonic() + GRACE_SECONDS
         engine = state.engine
+        if engine is not None:
+            engine.batcher.stop_admitting()  # a request already past the app's check is refused too
         while engine is not None and not engine.batcher.idle() and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.2)  # let the last events leave their queues
