@@ -152,13 +152,43 @@ def self_attention(xp, cfg, w, layer, x, cos, sin, spans):
     k = xp.reshape(qkv[:, H * Dh:(H + Hkv) * Dh], (N, Hkv, Dh))
     v = xp.reshape(qkv[:, (H + Hkv) * Dh:], (N, Hkv, Dh))
     q, k = rope(xp, q, cos, sin), rope(xp, k, cos, sin)
-    outs = []
-    for lo, hi, cache in spans:  # rows lo..hi-1 belong to the sequence whose cache this is
-        start = cache.length
-        keys, values = cache.write(xp, layer, start, k[lo:hi, ...], v[lo:hi, ...])  # [Hkv, S, Dh] each
-        outs.append(attention(xp, q[lo:hi, ...], keys, values, start, cfg.sliding_window))
-    out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)  # [N, H*Dh]
+    # Rows lo..hi-1 belong to the sequence whose cache this is; each writes its new keys and values.
+    kv = [cache.write(xp, layer, cache.length, k[lo:hi, ...], v[lo:hi, ...]) for lo, hi, cache in spans]
+    if len(spans) > 1 and N == len(spans):  # every sequence decodes one token: one batched attention
+        out = decode_attention(xp, q, [keys for keys, _ in kv], [values for _, values in kv], cfg.sliding_window)
+    else:
+        outs = [attention(xp, q[lo:hi, ...], keys, values, cache.length, cfg.sliding_window)
+                for (lo, hi, cache), (keys, values) in zip(spans, kv)]
+        out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)  # [N, H*Dh]
     return linear(out, w, "self_attn.o_proj", cfg.o_bias)  # [N, D]
+
+
+def decode_attention(xp, q, keys, values, window):
+    """Attention for B sequences that each decode one token, as one batch instead of B small ones.
+
+    q [B, H, Dh]; keys[b], values[b] [Hkv, S_b, Dh] hold sequence b's keys up to and including
+    the new token's. They are padded with zeros to one length S and the padding is masked with
+    -inf, so three batched products serve all B sequences (attention_block's math, batched).
+    """
+    B, H, Dh = q.shape
+    if window is not None:  # a sequence's one query sees only its last `window` keys
+        keys = [k[:, max(0, k.shape[1] - window):, :] for k in keys]
+        values = [v[:, max(0, v.shape[1] - window):, :] for v in values]
+    Hkv, lengths = keys[0].shape[0], [k.shape[1] for k in keys]
+    S, G = max(lengths), H // Hkv
+
+    def padded(x):  # [Hkv, S_b, Dh] -> [Hkv, S, Dh]
+        missing = S - x.shape[1]
+        return xp.concat([x, xp.zeros((Hkv, missing, Dh), dtype=x.dtype)], axis=1) if missing else x
+
+    K, V = xp.stack([padded(k) for k in keys]), xp.stack([padded(v) for v in values])  # [B, Hkv, S, Dh]
+    q = xp.reshape(q, (B, Hkv, G, Dh)) * (1.0 / math.sqrt(Dh))
+    scores = q @ xp.matrix_transpose(K)  # [B, Hkv, G, S]
+    real = xp.arange(S)[None, :] < xp.asarray(lengths)[:, None]  # [B, S]: not padding
+    scores = xp.where(real[:, None, None, :], scores, -math.inf)
+    weights = xp.exp(scores - xp.max(scores, axis=-1, keepdims=True))
+    out = (weights @ V) / xp.sum(weights, axis=-1, keepdims=True)  # [B, Hkv, G, Dh]
+    return xp.reshape(out, (B, H * Dh))
 
 
 def silu(xp, x):

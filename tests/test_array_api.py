@@ -25,7 +25,9 @@ def run(model, ids):
     for token in ids[:2]:
         outputs.append(forward(model, [[token]], [cache]))  # [1, V]
     short, long_ = ids[: len(ids) // 3], ids
-    outputs.append(forward(model, [short, long_], [model.new_cache(len(short)), model.new_cache(len(long_))]))  # [2, V]
+    caches = [model.new_cache(len(short) + 1), model.new_cache(len(long_) + 1)]
+    outputs.append(forward(model, [short, long_], caches))  # [2, V]
+    outputs.append(forward(model, [[ids[0]], [ids[1]]], caches))  # [2, V]: both decode, batched attention
     return outputs
 
 
@@ -34,7 +36,8 @@ def test_strict_namespace_matches_numpy(name):
     ids = max((c["input_ids"] for c in load_golden(f"tiny/{name}/reference.json")["cases"]), key=len)
     strict = run(load_model(GOLDEN / "tiny" / name, xp=array_api_strict), ids)
     reference = run(load_model(GOLDEN / "tiny" / name), ids)
-    for what, ours, theirs in zip(["full pass", "decode step 1", "decode step 2", "batch of two"], strict, reference):
+    for what, ours, theirs in zip(["full pass", "decode step 1", "decode step 2", "batch of two", "batched decode"],
+                                  strict, reference, strict=True):
         assert array_api_compat.array_namespace(ours) is array_api_strict, f"{what}: left the strict namespace"
         assert ours.shape == theirs.shape, f"{what}: shape {ours.shape} vs {theirs.shape}"
         diff = np.abs(np.asarray(ours) - np.asarray(theirs)).max()
