@@ -198,8 +198,13 @@ class Generation:
     def new_choices(self, cache):
         """The n choices after the prompt: the first keeps the prompt's cache, the others copy it."""
         seeds = np.random.SeedSequence(self.params.seed).spawn(self.params.n)  # independent streams per choice
-        return [Choice(np.random.default_rng(s), cache if i == 0 else cache.copy(self.model.xp), TextStream(self.params.stop))
+        return [Choice(np.random.default_rng(s), cache if i == 0 else self.copy_of(cache), TextStream(self.params.stop))
                 for i, s in enumerate(seeds)]
+
+    def copy_of(self, cache):
+        twin = self.model.new_cache(cache.capacity)
+        twin.copy_prefix(self.model.xp, cache, cache.length)
+        return twin
 
     def step(self, index, choice, row):
         """Sample one token for one choice from its logits row [V] and turn it into an Event."""

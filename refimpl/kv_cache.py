@@ -32,15 +32,9 @@ class KVCache:
         self.v[layer, :, start:stop, :] = xp.permute_dims(v, (1, 0, 2))
         return self.k[layer, :, :stop, :], self.v[layer, :, :stop, :]  # [Hkv, S, Dh] each
 
-    def copy(self, xp):
-        """An independent cache holding the same prefix (n choices share one prompt's prefill)."""
-        twin = object.__new__(KVCache)
-        twin.k, twin.v = xp.asarray(self.k, copy=True), xp.asarray(self.v, copy=True)
-        twin.capacity, twin.length = self.capacity, self.length
-        return twin
-
     def copy_prefix(self, xp, source, n):
-        """Take the first n positions of another sequence's cache (a shared prompt prefix)."""
+        """Take the first n positions of another sequence's cache (a shared prompt prefix, or the
+        whole prompt when n > 1 choices continue it): only filled positions are copied."""
         self.k[:, :, :n, :] = source.k[:, :, :n, :]
         self.v[:, :, :n, :] = source.v[:, :, :n, :]
         self.length = n
