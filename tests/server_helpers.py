@@ -1,7 +1,7 @@
 """Helpers for the server tests: a tiny model directory with a tokenizer, and a live server process.
 
 golden/tiny/llama-untied has random weights (vocabulary 512, context 512) but no tokenizer, so
-`tiny_model_dir` writes one next to a copy of it: byte-level BPE over the 256 byte symbols, three
+`tiny_model_dir` writes one next to a copy of it (or of another tiny model): byte-level BPE over the 256 byte symbols, three
 ChatML special tokens (ids 0-2, as the config's bos/eos expect) and 253 letter-pair merges that
 fill the vocabulary exactly, so that every id the model can produce is a token. Generation on it
 takes milliseconds, which is what the error table and schemathesis need; the openai-client tests
@@ -21,17 +21,19 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_SOURCE = ROOT / "golden" / "tiny" / "llama-untied"
+TINY = ROOT / "golden" / "tiny"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def tiny_model_dir(dst, context=None):
-    """Copy the tiny random Llama into dst with a 512-token byte-level BPE tokenizer; `context` shortens
-    its context window (max_position_embeddings), which bounds how long any generation can run."""
+def tiny_model_dir(dst, context=None, source="llama-untied"):
+    """Copy a tiny random model (golden/tiny/<source>) into dst with a byte-level BPE tokenizer that
+    fills its vocabulary; `context` shortens its context window (max_position_embeddings), which
+    bounds how long any generation can run."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+    TINY_SOURCE = TINY / source
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     for name in ("generation_config.json", "model.safetensors"):
