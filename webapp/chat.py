@@ -33,7 +33,7 @@ def create_chat_completion(body):
     """Create a chat completion (set stream for server-sent events)."""
     job = prepare(body)
     if body["stream"]:
-        stream = cancelling_at_exit(job.engine, [job.generation], chunks(job))
+        stream = chunks(job)
         keep_alive_ms = current_app.extensions["refimpl"].config.keep_alive_ms
         return sse_response(stream, ChatCompletionChunk(), keep_alive_ms, g.log)
     return complete(job)
@@ -71,6 +71,11 @@ def complete(job):
 
 def chunks(job):
     """The chat.completion.chunk objects of a streamed reply: role first, then content, then finish."""
+    # SSE and the WebSocket both stream through here, so both cancel what a vanished client left.
+    return cancelling_at_exit(job.engine, [job.generation], chunk_objects(job))
+
+
+def chunk_objects(job):
     meta = {**job.meta, "object": "chat.completion.chunk"}
     extra = {"usage": None} if job.include_usage else {}
 

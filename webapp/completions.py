@@ -54,7 +54,7 @@ def create_completion(body):
     """Create a completion for one or several prompts (set stream for server-sent events)."""
     job = prepare(body)
     if body["stream"]:
-        stream = cancelling_at_exit(job.engine, [run.generation for run in job.runs], chunks(job))
+        stream = chunks(job)
         keep_alive_ms = current_app.extensions["refimpl"].config.keep_alive_ms
         return sse_response(stream, CompletionResponse(), keep_alive_ms, g.log)
     return complete_all(job)
@@ -169,6 +169,11 @@ def complete(job):
 
 def chunks(job):
     """text_completion chunks: per choice the echoed prompt first (if asked), then the text as it comes."""
+    # SSE and the WebSocket both stream through here, so both cancel what a vanished client left.
+    return cancelling_at_exit(job.engine, [run.generation for run in job.runs], chunk_objects(job))
+
+
+def chunk_objects(job):
     extra = {"usage": None} if job.include_usage else {}
 
     def chunk(index, text, logprobs, finish_reason=None):
