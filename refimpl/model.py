@@ -167,8 +167,9 @@ def decode_attention(xp, q, keys, values, window):
     """Attention for B sequences that each decode one token, as one batch instead of B small ones.
 
     q [B, H, Dh]; keys[b], values[b] [Hkv, S_b, Dh] hold sequence b's keys up to and including
-    the new token's. They are padded with zeros to one length S and the padding is masked with
-    -inf, so three batched products serve all B sequences (attention_block's math, batched).
+    the new token's. They are copied into one zero-padded [B, Hkv, S, Dh] pair and the padding
+    is masked with -inf, so three batched products serve all B sequences (attention_block's
+    math, batched).
     """
     B, H, Dh = q.shape
     if window is not None:  # a sequence's one query sees only its last `window` keys
@@ -176,12 +177,10 @@ def decode_attention(xp, q, keys, values, window):
         values = [v[:, max(0, v.shape[1] - window):, :] for v in values]
     Hkv, lengths = keys[0].shape[0], [k.shape[1] for k in keys]
     S, G = max(lengths), H // Hkv
-
-    def padded(x):  # [Hkv, S_b, Dh] -> [Hkv, S, Dh]
-        missing = S - x.shape[1]
-        return xp.concat([x, xp.zeros((Hkv, missing, Dh), dtype=x.dtype)], axis=1) if missing else x
-
-    K, V = xp.stack([padded(k) for k in keys]), xp.stack([padded(v) for v in values])  # [B, Hkv, S, Dh]
+    K, V = xp.zeros((B, Hkv, S, Dh), dtype=q.dtype), xp.zeros((B, Hkv, S, Dh), dtype=q.dtype)
+    for b, (k, v) in enumerate(zip(keys, values)):
+        K[b, :, :k.shape[1], :] = k
+        V[b, :, :v.shape[1], :] = v
     q = xp.reshape(q, (B, Hkv, G, Dh)) * (1.0 / math.sqrt(Dh))
     scores = q @ xp.matrix_transpose(K)  # [B, Hkv, G, S]
     real = xp.arange(S)[None, :] < xp.asarray(lengths)[:, None]  # [B, S]: not padding
@@ -209,6 +208,13 @@ def block(xp, cfg, w, layer, x, cos, sin, spans):
     return x + mlp(xp, cfg, w, rms_norm(xp, x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps))
 
 
+def embed(xp, W, ids):
+    """The embedding rows of token ids [N] -> [N, D]; a tied model reads them as columns of the head."""
+    if W.embed_tokens is None:
+        return xp.permute_dims(xp.take(W.lm_head, ids, axis=1), (1, 0))
+    return xp.take(W.embed_tokens, ids, axis=0)
+
+
 def forward(model, tokens, caches, all_logits=False):
     """Run new tokens of one or more sequences through the model, extending their caches.
 
@@ -226,7 +232,7 @@ def forward(model, tokens, caches, all_logits=False):
     ids = xp.asarray([t for seq in tokens for t in seq], dtype=xp.int64)  # [N]
     cos, sin = rope_cos_sin(xp, model.inv_freq, positions)
 
-    x = xp.take(W.embed_tokens, ids, axis=0)  # [N, D]
+    x = embed(xp, W, ids)  # [N, D]
     for layer, w in enumerate(W.layers):
         x = block(xp, cfg, w, layer, x, cos, sin, spans)
     for lo, hi, cache in spans:
@@ -235,5 +241,5 @@ def forward(model, tokens, caches, all_logits=False):
     if not all_logits:  # only the last position of each sequence predicts its next token
         x = xp.take(x, xp.asarray([hi - 1 for _, hi, _ in spans]), axis=0)  # [B, D]
     x = rms_norm(xp, x, W.norm, cfg.rms_norm_eps)
-    return x @ W.lm_head.T  # [B, V] or [N, V]
+    return x @ W.lm_head  # [B, V] or [N, V]
 

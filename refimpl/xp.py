@@ -8,6 +8,9 @@ anything outside the standard: that is how a machine without a GPU guards the Cu
 Host/device copies happen only at the edges (loading weights, reading logits back).
 """
 
+import ctypes
+import ctypes.util
+
 import numpy as np
 
 
@@ -15,6 +18,8 @@ def namespace(device="cpu"):
     """Return the array namespace for `device`: 'cpu' (NumPy) or 'cuda'/'gpu' (CuPy)."""
     if device == "cpu":
         import array_api_compat.numpy
+
+        keep_freed_memory()
 
         return array_api_compat.numpy
     if device in ("cuda", "gpu"):
@@ -29,3 +34,22 @@ def to_numpy(x):
     if hasattr(x, "get"):  # CuPy
         return x.get()
     return np.asarray(x)
+
+
+def keep_freed_memory():
+    """Have glibc's malloc keep freed memory for reuse rather than hand it back to the system.
+
+    A decoding step allocates the same short-lived arrays of 0.1-30 MB in every layer. glibc
+    serves blocks that size from fresh mmap'd pages by default, and the first touch of each page
+    faults: the batched decode attention of 8 sequences took 1.0 ms per layer that way and
+    0.3 ms with reused memory. (PyTorch's CPU tuning guide makes the same point with jemalloc.)
+    A no-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest allowed value
+    mallopt(M_TRIM_THRESHOLD, 256 << 20)

@@ -31,13 +31,13 @@ def cuda():
 def test_tiny_model_on_gpu_matches_transformers(cuda, name):
     golden = load_golden(f"tiny/{name}/reference.json")
     model = load_model(GOLDEN / golden["model"], device="cuda")
-    assert isinstance(model.weights.embed_tokens, cuda.ndarray)  # really on the device
+    assert isinstance(model.weights.lm_head, cuda.ndarray)  # really on the device
     for case in golden["cases"]:
         check_prompt(model, case)
 
 
 def test_default_model_on_gpu_matches_transformers(cuda, default_model_dir):
     model = load_model(default_model_dir, device="cuda")
-    assert isinstance(model.weights.embed_tokens, cuda.ndarray)
+    assert isinstance(model.weights.lm_head, cuda.ndarray)
     for case in load_golden("smollm2-135m-instruct.json")["cases"]:
         check_prompt(model, case)

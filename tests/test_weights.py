@@ -137,7 +137,11 @@ def test_known_bfloat16_values(tmp_path):
     np.testing.assert_array_equal(read_tensors(tmp_path / "bf16.safetensors")["x"], list(patterns.values()))
 
 
-def test_tied_head_is_the_embedding_array_itself():
+def test_tied_model_keeps_one_copy_of_the_embeddings():
     model = load_model(TIED)
     assert model.config.tie_word_embeddings
-    assert model.weights.lm_head is model.weights.embed_tokens  # one [V, D] matrix in memory, not two
+    assert model.weights.embed_tokens is None  # one matrix in memory, not two
+    V, D = model.config.vocab_size, model.config.hidden_size
+    assert model.weights.lm_head.shape == (D, V)
+    stored = read_tensors(TIED / "model.safetensors")["model.embed_tokens.weight"]
+    np.testing.assert_array_equal(model.weights.lm_head, stored.T)
