@@ -7,6 +7,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["refimpl", "refimpl.*", "webapp", "webapp.*"]),
     include_package_data=True,
+    package_data={"webapp": ["static/chat/*"]},  # the web chat page (served at /)
     install_requires=[
         "numpy>=1.26",
         "array-api-compat>=1.9",
@@ -35,7 +36,7 @@ setup(
         # torch is pinned: an open range pulls a multi-GB CUDA build on machines without a GPU.
         "golden": ["torch==2.13.0", "transformers>=4.46", "accelerate>=0.26", "gguf>=0.10"],
         "test": ["pytest>=8", "hypothesis>=6.100", "array-api-strict>=2.0", "openai>=1.40", "requests>=2.31",
-                 "schemathesis>=4.30"],
+                 "schemathesis>=4.30", "selenium>=4.20"],
     },
     entry_points={"console_scripts": ["refimpl = refimpl.cli:main"]},
 )

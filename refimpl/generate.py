@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from refimpl.explain import explain, most_likely, token_text
 from refimpl.model import forward
 from refimpl.sampling import log_softmax, sample
 from refimpl.xp import namespace, to_numpy
@@ -64,7 +65,8 @@ class Event:
     text: str  # the text this step releases (may be empty while a character or stop string is pending)
     logprobs: TokenLogprobs | None = None
     finish_reason: str | None = None
-    sampler: object = None  # sampling.SamplerStep: what the sampler saw (for teaching views)
+    offset: int = 0  # where the token starts in the choice's text, in characters (code points)
+    insight: object = None  # explain.TokenInsight when params.explain asks for one
 
 
 @dataclass
@@ -132,16 +134,7 @@ class TextStream:
 
 def top_logprobs(tokenizer, logprobs, count):
     """The `count` most likely tokens of a log-probability row [V], ties to the lower id."""
-    if count == 0:
-        return []
-    ids = np.argpartition(-logprobs, count - 1)[:count]
-    ids = sorted(ids.tolist(), key=lambda i: (-logprobs[i], i))
-    return [TopLogprob(i, *token_text(tokenizer, i), float(logprobs[i])) for i in ids]
-
-
-def token_text(tokenizer, token_id):
-    raw = tokenizer.token_bytes(token_id)
-    return raw.decode("utf-8", errors="replace"), list(raw)
+    return [TopLogprob(i, *token_text(tokenizer, i), float(logprobs[i])) for i in most_likely(logprobs, count)]
 
 
 def token_logprobs(tokenizer, logprobs, token_id, count):
@@ -214,9 +207,13 @@ class Generation:
         choice.generated.append(token)
         choice.counts[token] += 1
         self.usage.completion_tokens += 1
+        # A token's first byte lands in the character that begins at the current end of the text
+        # (bytes of an unfinished character are pending there, not yet text).
+        offset = len(choice.text.text)
+        insight = explain(self.tokenizer, row, step, params, params.explain) if params.explain else None
         if token in self.stop_ids:  # not part of the text, nor of the logprobs
             choice.finished = True
-            return Event(index, token, choice.text.finish(), None, "stop", step)
+            return Event(index, token, choice.text.finish(), None, "stop", offset, insight)
         logprobs = None
         if params.logprobs:
             lp = to_numpy(log_softmax(HOST, row.astype(np.float64)))
@@ -226,7 +223,7 @@ class Generation:
         if finish == "length":
             text += choice.text.finish()
         choice.finished = finish is not None
-        return Event(index, token, text, logprobs, finish, step)
+        return Event(index, token, text, logprobs, finish, offset, insight)
 
 
 def generate(model, tokenizer, prompt_ids, params, stop_ids=()):

@@ -57,6 +57,7 @@ class SamplingParams:
     stop_token_ids: list = field(default_factory=list)
     logprobs: bool = False
     top_logprobs: int = 0
+    explain: int = 0  # alternatives listed in each Event's insight (the web chat's token view); 0: none
 
     def __post_init__(self):
         if isinstance(self.stop, str):  # OpenAI takes one stop string or a list of them
@@ -104,6 +105,7 @@ class SamplingParams:
         check(isinstance(self.logprobs, bool), "logprobs", "must be true or false")
         check(integer(self.top_logprobs) and 0 <= self.top_logprobs <= 20, "top_logprobs",
               "must be between 0 and 20")
+        check(integer(self.explain) and 0 <= self.explain <= 50, "explain", "must be between 0 and 50")
         return self
 
     @property
@@ -149,7 +151,18 @@ def softmax(logits, temperature=1.0):
 
 def filter_mask(probs, params):
     """Steps 5-7 on probabilities after temperature: a boolean mask of the tokens kept."""
-    keep = probs > 0
+    return filter_stages(probs, params)[0]
+
+
+def filter_stages(probs, params):
+    """Steps 5-7, one filter at a time: (kept, stages, top_p_mass).
+
+    kept is the mask of the tokens that survive every filter; stages lists (name, mask of the
+    tokens that filter kept) for each filter that is on, in the order they apply, so that a
+    teaching view can say which filter removed a token; top_p_mass is the mass, relative to what
+    top-k left, of the smallest most-likely set that reaches top_p (None when top_p is 1).
+    """
+    keep, stages, top_p_mass = probs > 0, [], None
     k = params.top_k
     if k is not None and 0 < k < probs.size:
         kth = np.partition(probs, -k)[-k]  # the k-th largest probability
@@ -157,18 +170,24 @@ def filter_mask(probs, params):
         ties = np.flatnonzero(probs == kth)[:k - top_k_keep.sum()]  # exactly k: ties go to the lower ids
         top_k_keep[ties] = True
         keep &= top_k_keep
+        stages.append(("top_k", top_k_keep))
     if params.top_p < 1.0:
         order = np.argsort(-probs, kind="stable")  # most likely first, ties to the lower id
         kept_probs = np.where(keep[order], probs[order], 0.0)
+        total = kept_probs.sum()
         mass_before = np.cumsum(kept_probs) - kept_probs  # mass of the more likely kept tokens
         top_p_keep = np.zeros_like(keep)
         # Smallest prefix reaching p. Divide the mass rather than multiply p: p * total can
         # underflow to 0 for a tiny p, and then not even the most likely token would be kept.
-        top_p_keep[order] = mass_before / kept_probs.sum() < params.top_p
+        top_p_keep[order] = mass_before / total < params.top_p
+        top_p_mass = float(np.sum(probs * (top_p_keep & keep)) / total)
         keep &= top_p_keep
+        stages.append(("top_p", top_p_keep))
     if params.min_p > 0:
-        keep &= probs >= params.min_p * np.max(np.where(keep, probs, 0.0))
-    return keep
+        min_p_keep = probs >= params.min_p * np.max(np.where(keep, probs, 0.0))
+        keep &= min_p_keep
+        stages.append(("min_p", min_p_keep))
+    return keep, stages, top_p_mass
 
 
 @dataclass
@@ -177,6 +196,17 @@ class SamplerStep:
     token: int
     probs: np.ndarray  # [V] after penalties, bias and temperature, before filtering
     kept: np.ndarray  # [V] bool: survived top-k, top-p and min-p
+    stages: list = field(default_factory=list)  # (filter name, [V] bool kept by it), in order
+    top_p_mass: float | None = None  # see filter_stages
+
+    def removed_by(self, token):
+        """Why a token could not be drawn: None (kept), "temperature" (probability 0 after it:
+        at temperature 0 only the most likely token is left), or the first filter that removed it."""
+        if self.kept[token]:
+            return None
+        if self.probs[token] == 0:
+            return "temperature"
+        return next(name for name, kept in self.stages if not kept[token])
 
 
 def sample(logits, params, rng, seen=(), generated_counts=None):
@@ -188,12 +218,12 @@ def sample(logits, params, rng, seen=(), generated_counts=None):
         probs[token] = 1.0
         return SamplerStep(token, probs, probs > 0)
     probs = softmax(logits, params.temperature)
-    kept = filter_mask(probs, params)
-    cumulative = np.cumsum(probs * kept)  # filtered tokens weigh 0 (a product: 10x faster than np.where)
+    kept, stages, top_p_mass = filter_stages(probs, params)
     # Inverse-CDF draw: the first token whose cumulative weight exceeds u * total.
     # That token has a positive weight, so it was kept; only u * total rounded up to the total
     # itself can run past the end, and then the last kept token is the one meant.
+    cumulative = np.cumsum(probs * kept)  # filtered tokens weigh 0 (a product: 10x faster than np.where)
     token = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
     if token == cumulative.size:
         token = int(np.flatnonzero(kept)[-1])
-    return SamplerStep(token, probs, kept)
+    return SamplerStep(token, probs, kept, stages, top_p_mass)

@@ -5,7 +5,6 @@ KEEP_ALIVE_INTERVAL so that keep-alive comments show up during a prefill. Genera
 to a few tokens: the model decodes about 25 tokens a second on the development machine.
 """
 
-import json
 import re
 import threading
 import time
@@ -13,10 +12,9 @@ import time
 import openai
 import pytest
 import requests
-import simple_websocket
 
 from conftest import load_golden
-from refimpl.generate import token_text
+from refimpl.explain import token_text
 from refimpl.tokenizer import Tokenizer
 from server_helpers import LiveServer, data_events, sse_events
 
@@ -251,27 +249,6 @@ def test_client_going_away_stops_the_generation(server):
         time.sleep(0.2)
     line = next(x for x in server.log().splitlines() if request_id in x)
     assert "finish_reason canceled" in line, line
-
-
-def test_websocket(server):
-    ws = simple_websocket.Client.connect(f"ws://127.0.0.1:{server.port}/v1/ws")
-    try:
-        ws.send(json.dumps({"path": "/v1/chat/completions",
-                            "body": {"messages": [QUESTION], "max_tokens": 6, "temperature": 0}}))
-        messages = []
-        while (message := ws.receive(timeout=60)) != "[DONE]":
-            messages.append(json.loads(message))
-        text = "".join(m["choices"][0]["delta"].get("content", "") for m in messages)
-        body = {"messages": [QUESTION], "max_tokens": 6, "temperature": 0}
-        assert text == requests.post(f"{server.base}/v1/chat/completions", json=body, timeout=60).json()[
-            "choices"][0]["message"]["content"]
-        ws.send(json.dumps({"path": "/v1/completions", "body": {"prompt": "x", "temperature": 9}}))
-        error = json.loads(ws.receive(timeout=60))
-        assert error["error"]["param"] == "temperature"
-        ws.send("not json")
-        assert json.loads(ws.receive(timeout=60))["error"]["code"] == "invalid_json"
-    finally:
-        ws.close()
 
 
 def test_docs_are_served_locally(server):

@@ -1,7 +1,6 @@
 """`refimpl serve` options on the real process (tiny model): --api-key, --cors-origin, --dev, the log
 line per request, and `make serve`'s PORT and HOST."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -9,7 +8,6 @@ import subprocess
 import openai
 import pytest
 import requests
-import simple_websocket
 
 from server_helpers import ROOT, LiveServer, data_events, sse_events, tiny_model_dir
 
@@ -73,21 +71,6 @@ def test_health_and_docs_need_no_key(server, path):
 def test_openapi_documents_bearer_auth(server):
     spec = requests.get(f"{server.base}/openapi.json", timeout=30).json()
     assert spec["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
-
-
-def test_websocket_needs_the_key(server):
-    with pytest.raises(simple_websocket.ConnectionError) as err:
-        simple_websocket.Client.connect(f"ws://127.0.0.1:{server.port}/v1/ws")
-    assert err.value.status_code == 401
-    ws = simple_websocket.Client.connect(f"ws://127.0.0.1:{server.port}/v1/ws", headers=auth(KEY))
-    try:
-        ws.send(json.dumps({"path": "/v1/completions", "body": {"prompt": "hi", "max_tokens": 2}}))
-        replies = []
-        while (reply := ws.receive(timeout=30)) not in ("[DONE]", None):
-            replies.append(json.loads(reply))
-        assert reply == "[DONE]" and replies and all(r["object"] == "text_completion" for r in replies)
-    finally:
-        ws.close()
 
 
 def test_cors_only_for_named_origins(server, tiny, tmp_path):

@@ -1,12 +1,12 @@
 """The app factory: create_app(engine or ModelState, ServerConfig) -> a Flask WSGI app.
 
 Routes: POST /v1/chat/completions (chat.py), POST /v1/completions (completions.py),
-GET /v1/models, /health, /docs, /openapi.json (meta.py), and the WebSocket /v1/ws (ws.py).
+GET /v1/models, /health, /docs, /openapi.json (meta.py), and the web chat: the page at / and its
+WebSocket /v1/ws (webchat.py).
 Around every request: an id and one log line, the API key check, CORS headers when asked for,
 and errors.py turning anything that goes wrong into OpenAI's error envelope.
 """
 
-import hmac
 import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -16,15 +16,17 @@ from flask import Flask, g, request
 
 from refimpl import __version__
 
-from webapp import chat, completions, errors, meta, metrics, ws
-from webapp.common import RequestLog
+from webapp import chat, completions, errors, meta, metrics, webchat
+from webapp.common import RequestLog, api_key_matches
 from webapp.engine_adapter import ModelState
 from webapp.errors import ApiError
 from webapp.schemas import ChatCompletionChunk, ErrorResponse, either2properties
 
-# Routes anyone may call when an API key is set: the health check and the documentation.
+# Routes anyone may call when an API key is set: the health check, the documentation and the
+# chat page (whose WebSocket asks for the key itself: see the before_request hook).
 PUBLIC_ENDPOINTS = {"models.health", "api-docs.openapi_json", "api-docs.openapi_swagger_ui", "docs_static",
-                    "openapi_alias"}
+                    "openapi_alias", "webchat.page", "webchat.asset"}
+WEBSOCKET_ENDPOINT = "webchat.websocket"
 
 
 def keep_alive_from_env():
@@ -71,7 +73,7 @@ def create_app(engine_or_state, config=None):
     for blueprint in (chat.blp, completions.blp, meta.blp):
         api.register_blueprint(blueprint)
     meta.register_docs(app, api)
-    app.register_blueprint(ws.bp)
+    app.register_blueprint(webchat.bp)
     app.register_blueprint(metrics.bp)
     errors.register(app)
 
@@ -82,7 +84,10 @@ def create_app(engine_or_state, config=None):
             raise ApiError(503, "the server is shutting down; retry on another instance or later",
                            code="server_shutting_down", headers={"Retry-After": "5"})
         if config.api_key is not None and request.endpoint not in PUBLIC_ENDPOINTS and request.method != "OPTIONS":
-            check_api_key(config.api_key)
+            if request.endpoint == WEBSOCKET_ENDPOINT and "Authorization" not in request.headers:
+                g.websocket_authorised = False  # a browser cannot send the header: the socket asks for the key
+            else:
+                check_api_key(config.api_key)
 
     @app.after_request
     def finish(response):
@@ -113,7 +118,7 @@ def spec_options(config):
 def check_api_key(api_key):
     """401 unless the request carries "Authorization: Bearer <key>" (compared in constant time)."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+    if scheme.lower() != "bearer" or not api_key_matches(token, api_key):
         raise ApiError(401, "missing or incorrect API key: send the header \"Authorization: Bearer <key>\"",
                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 

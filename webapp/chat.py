@@ -39,11 +39,14 @@ def create_chat_completion(body):
     return complete(job)
 
 
-def prepare(body):
-    """Everything that can refuse the request, before any model work: model, template, params, context."""
+def prepare(body, explain=0):
+    """Everything that can refuse the request, before any model work: model, template, params, context.
+
+    `explain` > 0 asks for each token's insight with that many alternatives (the web chat's token view)."""
     engine = current_engine(body["model"])
     ids = engine.chat_prompt(body["messages"])
     params = sampling_params(body, None, bool(body["logprobs"]), body["top_logprobs"] or 0)
+    params.explain = explain
     generation = engine.start(ids, params)
     return ChatJob(engine, generation, response_meta("chatcmpl", "chat.completion", engine), params.n,
                    params.logprobs, include_usage(body), g.log)

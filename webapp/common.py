@@ -1,5 +1,6 @@
 """What the routes share: the request log line, the model check, sampling parameters, response ids, usage."""
 
+import hmac
 import logging
 import secrets
 import time
@@ -30,6 +31,11 @@ class RequestLog:
             if self.usage else ""
         log.info("%s %s %s %d%s %.3fs%s", self.request_id, self.method, self.path, status, tokens,
                  time.perf_counter() - self.start, f" ({note})" if note else "")
+
+
+def api_key_matches(given, api_key):
+    """Whether a presented key is the server's, compared in constant time."""
+    return hmac.compare_digest(given.strip().encode(), api_key.encode())
 
 
 def current_engine(requested_model):

@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 from refimpl.engine import Engine as BatchingEngine
-from refimpl.engine import EngineFull, EngineStopped
-from refimpl.generate import default_stop_ids, prompt_logprobs, token_text
+from refimpl.engine import DONE, EngineFull, EngineStopped
+from refimpl.explain import token_text
+from refimpl.generate import default_stop_ids, prompt_logprobs
 from refimpl.model import load_model
 from refimpl.tokenizer import Tokenizer
 
@@ -66,11 +67,17 @@ class Engine:
         for request in requests:
             request.cancel()
 
-    def events(self, request):
-        """The request's events as the engine produces them; closing early cancels the request."""
+    def events(self, request, poll=None):
+        """The request's events as the engine produces them; closing early cancels the request.
+
+        With `poll` seconds, None is yielded whenever no event came for that long, so that the
+        caller can do other work meanwhile (the WebSocket reads its client's messages)."""
         started, last, finished = time.perf_counter(), None, False
         try:
-            for event in request:
+            while (event := request.get(timeout=poll)) is not DONE:
+                if event is None:
+                    yield None
+                    continue
                 now = time.perf_counter()
                 if self.metrics:
                     self.metrics.token(now - (last or started), first=last is None)

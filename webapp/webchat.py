@@ -1,0 +1,211 @@
+"""The web chat: the page at / and its WebSocket, /v1/ws, which streams a reply token by token
+together with what the model and the sampler saw at each token (refimpl/explain.py).
+
+The protocol is a few typed JSON messages, each an object whose "type" says what it is; there
+are no in-band sentinel strings. Client to server:
+
+    {"type": "auth", "api_key": "KEY"}          when hello says auth_required (a browser cannot
+                                                 set an Authorization header on a WebSocket)
+    {"type": "chat", "id": "r1", "messages": [{"role": "user", "content": "Hi"}],
+     "settings": {"temperature": 0.7, "top_p": 0.95, "top_k": 40, "min_p": 0.05,
+                  "max_tokens": 256, "seed": 1},  each optional; null or absent: the API default
+     "alternatives": 10}                         optional, 10 to 20
+    {"type": "cancel", "id": "r1"}               stop that reply (its done event says "canceled")
+
+Server to client:
+
+    {"type": "hello", "protocol": 1, "model": "...", "auth_required": false}     on connect
+    {"type": "token", "id", "index", "token_id", "text", "bytes", "offset", "delta", "special",
+     "p", "logprob", "rank", "alternatives": [{"token_id", "text", "bytes", "special", "p",
+     "p_temp", "kept", "removed_by", "chosen"}, ...], "other_p", "other_p_temp", "top_p_cut"}
+    {"type": "done", "id", "finish_reason": "stop" | "length" | "canceled", "content", "usage"}
+    {"type": "error", "id" (null if the message had none), "status", "error": {"message",
+     "type", "param", "code"}}                  ends that reply; the socket stays open
+
+A token's `offset` is where it starts in the reply, in code points; tokens that hold the parts
+of one character share it. `delta` is the text it releases (appending the deltas gives the
+reply). The README describes every field.
+
+A chat goes through the HTTP API's own path: the same request schema and limits, the same
+engine, the same API key. One reply runs at a time per socket; while it streams, the socket is
+read between tokens, so that a cancel takes effect at the next engine step.
+"""
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from flask import Blueprint, current_app, g, send_from_directory
+from flask_sock import Sock
+from marshmallow import RAISE, Schema, fields, validate
+from simple_websocket import ConnectionClosed
+
+from webapp import chat
+from webapp.common import RequestLog, api_key_matches, usage
+from webapp.errors import ApiError, from_exception
+from webapp.parsing import parse_json_text
+from webapp.schemas import ChatCompletionRequest, Integer
+
+PROTOCOL = 1
+PAGE = Path(__file__).parent / "static" / "chat"
+POLL_SECONDS = 0.05  # how often a streaming reply looks for a cancel message while no token comes
+
+bp = Blueprint("webchat", __name__)
+sock = Sock()
+
+
+@bp.route("/")
+def page():
+    return send_from_directory(PAGE, "index.html")
+
+
+@bp.route("/chat/<path:filename>")
+def asset(filename):
+    return send_from_directory(PAGE, filename)
+
+
+class Settings(Schema):
+    """The sampling settings the page offers; their types and ranges are checked as the API checks them."""
+    class Meta:
+        unknown = RAISE
+
+    temperature = fields.Raw(allow_none=True)
+    top_p = fields.Raw(allow_none=True)
+    top_k = fields.Raw(allow_none=True)
+    min_p = fields.Raw(allow_none=True)
+    max_tokens = fields.Raw(allow_none=True)
+    seed = fields.Raw(allow_none=True)
+
+
+class ChatMessage(Schema):
+    class Meta:
+        unknown = RAISE
+
+    type = fields.String(required=True)
+    id = fields.String(required=True, validate=validate.Length(1, 64))
+    messages = fields.Raw(required=True)
+    settings = fields.Nested(Settings, load_default=dict)
+    alternatives = Integer(load_default=10, validate=validate.Range(10, 20))
+
+
+class AuthMessage(Schema):
+    class Meta:
+        unknown = RAISE
+
+    type = fields.String(required=True)
+    api_key = fields.String(required=True)
+
+
+class CancelMessage(Schema):
+    class Meta:
+        unknown = RAISE
+
+    type = fields.String(required=True)
+    id = fields.String(required=True)
+
+
+MESSAGES = {"auth": AuthMessage(), "chat": ChatMessage(), "cancel": CancelMessage()}
+
+
+@sock.route("/v1/ws", bp=bp)
+def websocket(ws):
+    ChatSocket(ws, authorised=g.get("websocket_authorised", True)).run()
+
+
+class ChatSocket:
+    def __init__(self, ws, authorised):
+        self.ws, self.authorised = ws, authorised
+        self.api_key = current_app.extensions["refimpl"].config.api_key
+        self.reply = None  # (id, engine request) of the reply streaming now
+
+    def send(self, **message):
+        self.ws.send(json.dumps(message))
+
+    def run(self):
+        state = current_app.extensions["refimpl"].state
+        self.send(type="hello", protocol=PROTOCOL, model=state.engine.model_id if state.engine else None,
+                  auth_required=not self.authorised)
+        while True:
+            self.handle(self.ws.receive())
+
+    def handle(self, raw):
+        """Act on one client message; every mistake in it is answered with an error event."""
+        message_id = None
+        try:
+            message = parse_json_text(raw if isinstance(raw, str) else raw.decode("utf-8"))
+            if not isinstance(message, dict) or message.get("type") not in MESSAGES:
+                raise ApiError(400, f"a message is a JSON object whose \"type\" is one of {sorted(MESSAGES)}",
+                               "type", "invalid_value")
+            message_id = message.get("id") if isinstance(message.get("id"), str) else None
+            message = MESSAGES[message["type"]].load(message)
+            if message["type"] == "auth":
+                self.authenticate(message["api_key"])
+            elif message["type"] == "cancel":
+                if self.reply and self.reply[0] == message["id"]:  # otherwise it already ended: nothing to do
+                    self.reply[1].cancel()
+            elif self.reply:
+                raise ApiError(409, f"reply {self.reply[0]!r} is still streaming; cancel it or wait for its done event",
+                               code="request_in_progress")
+            elif not self.authorised:
+                raise ApiError(401, "this server needs an API key: send {\"type\": \"auth\", \"api_key\": ...} first",
+                               code="invalid_api_key")
+            else:
+                self.stream(message)
+        except ConnectionClosed:
+            raise
+        except UnicodeDecodeError:
+            self.send_error(message_id, ApiError(400, "a message must be UTF-8 text", code="invalid_json"))
+        except Exception as err:  # noqa: BLE001 - every error is answered with the envelope
+            self.send_error(message_id, err)
+
+    def send_error(self, message_id, err):
+        error = from_exception(err, "messages", g.log.request_id)
+        self.send(type="error", id=message_id, status=error.status, **error.envelope())
+
+    def authenticate(self, key):
+        if self.api_key is not None and not api_key_matches(key, self.api_key):
+            raise ApiError(401, "incorrect API key", code="invalid_api_key")
+        self.authorised = True
+
+    def stream(self, message):
+        """Run one chat reply, sending a token event per generated token, then done (or an error)."""
+        g.log = log = RequestLog("WS", "/v1/ws chat")
+        reply_id = message["id"]
+        body = ChatCompletionRequest().load({"messages": message["messages"], **message["settings"]})
+        job = chat.prepare(body, explain=message["alternatives"])
+        self.reply, content, finish, index = (reply_id, job.generation), [], None, 0
+        try:
+            for event in job.engine.events(job.generation, poll=POLL_SECONDS):
+                if event is not None:
+                    content.append(event.text)
+                    finish = event.finish_reason or finish
+                    self.send(**token_event(reply_id, index, event))
+                    index += 1
+                self.read_pending_messages()  # a cancel takes effect at the next engine step
+        except ConnectionClosed:
+            log.finish(499, note="client went away")
+            raise
+        except Exception as err:  # noqa: BLE001 - the reply ends with an error event
+            self.send_error(reply_id, err)
+            log.finish(from_exception(err).status)
+            return
+        finally:
+            self.reply = None
+        log.usage = usage([job.generation.usage])
+        self.send(type="done", id=reply_id, finish_reason=finish or "canceled", content="".join(content),
+                  usage=log.usage)
+        log.finish(200, note="" if finish else "finish_reason canceled")
+
+    def read_pending_messages(self):
+        while (raw := self.ws.receive(timeout=0)) is not None:
+            self.handle(raw)
+
+
+def token_event(reply_id, index, event):
+    insight = event.insight
+    chosen = next(a for a in insight.alternatives if a.chosen)
+    return {"type": "token", "id": reply_id, "index": index, "token_id": event.token_id, "text": chosen.text,
+            "bytes": chosen.bytes, "offset": event.offset, "delta": event.text, "special": chosen.special,
+            "p": insight.p, "logprob": insight.logprob, "rank": insight.rank,
+            "alternatives": [asdict(a) for a in insight.alternatives], "other_p": insight.other_p,
+            "other_p_temp": insight.other_p_temp, "top_p_cut": insight.top_p_cut}
