@@ -36,7 +36,7 @@ setup(
         # torch is pinned: an open range pulls a multi-GB CUDA build on machines without a GPU.
         "golden": ["torch==2.13.0", "transformers>=4.46", "accelerate>=0.26", "gguf>=0.10"],
         "test": ["pytest>=8", "hypothesis>=6.100", "array-api-strict>=2.0", "openai>=1.40", "requests>=2.31",
-                 "schemathesis>=4.30", "selenium>=4.20"],
+                 "schemathesis>=4.30", "selenium>=4.20", "websockets>=13"],
     },
     entry_points={"console_scripts": ["refimpl = refimpl.cli:main"]},
 )

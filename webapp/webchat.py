@@ -159,8 +159,10 @@ class ChatSocket:
             self.send_error(message_id, err)
 
     def send_error(self, message_id, err):
+        """Answer with an error event (OpenAI's envelope inside); returns the ApiError sent."""
         error = from_exception(err, "messages", g.log.request_id)
         self.send(type="error", id=message_id, status=error.status, **error.envelope())
+        return error
 
     def authenticate(self, key):
         if self.api_key is not None and not api_key_matches(key, self.api_key):
@@ -169,10 +171,14 @@ class ChatSocket:
 
     def stream(self, message):
         """Run one chat reply, sending a token event per generated token, then done (or an error)."""
-        g.log = log = RequestLog("WS", "/v1/ws chat")
+        g.log = log = RequestLog("WS", "/v1/ws chat")  # one log line per reply, as per HTTP request
         reply_id = message["id"]
-        body = ChatCompletionRequest().load({"messages": message["messages"], **message["settings"]})
-        job = chat.prepare(body, explain=message["alternatives"])
+        try:
+            body = ChatCompletionRequest().load({"messages": message["messages"], **message["settings"]})
+            job = chat.prepare(body, explain=message["alternatives"])
+        except Exception as err:  # noqa: BLE001 - refused before any work: an error event
+            log.finish(self.send_error(reply_id, err).status)
+            return
         self.reply, content, finish, index = (reply_id, job.generation), [], None, 0
         try:
             for event in job.engine.events(job.generation, poll=POLL_SECONDS):
@@ -186,8 +192,7 @@ class ChatSocket:
             log.finish(499, note="client went away")
             raise
         except Exception as err:  # noqa: BLE001 - the reply ends with an error event
-            self.send_error(reply_id, err)
-            log.finish(from_exception(err).status)
+            log.finish(self.send_error(reply_id, err).status)
             return
         finally:
             self.reply = None
