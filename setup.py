@@ -1,13 +1,14 @@
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 setup(
     name="refimpl",
     version="0.1.0",
     description="A readable reference implementation of LLM inference, with an OpenAI-compatible server",
     python_requires=">=3.10",
-    packages=find_packages(include=["refimpl", "refimpl.*", "webapp", "webapp.*"]),
+    # Namespace discovery also finds webapp/static/chat, the web chat page (three files, served at /).
+    packages=find_namespace_packages(include=["refimpl", "refimpl.*", "webapp", "webapp.*"]),
     include_package_data=True,
-    package_data={"webapp": ["static/chat/*"]},  # the web chat page (served at /)
+    package_data={"webapp.static.chat": ["*.html", "*.js", "*.css"]},
     install_requires=[
         "numpy>=1.26",
         "array-api-compat>=1.9",
