@@ -99,6 +99,14 @@ def wait_done(driver):
     return last_reply(driver).get_attribute("data-finish-reason")
 
 
+def reply_in_token_view(driver, message, **values):
+    """Set the panel, send a message, wait for the whole reply, and turn the token view on."""
+    settings(driver, **values)
+    send_message(driver, message)
+    wait_done(driver)
+    driver.find_element("id", "token-view").click()
+
+
 def active(driver):
     return driver.switch_to.active_element
 
@@ -219,10 +227,7 @@ def test_token_view_is_one_tab_stop_walked_with_arrows_and_opened_with_enter(ser
     from selenium.webdriver.common.keys import Keys
 
     driver = browser(server.base)
-    settings(driver, max_tokens=40, seed=4, top_k=None, top_p=0.9)
-    send_message(driver, "Hello")
-    wait_done(driver)
-    driver.find_element("id", "token-view").click()
+    reply_in_token_view(driver, "Hello", max_tokens=40, seed=4, top_k=None, top_p=0.9)
     assert driver.find_element("id", "legend").is_displayed(), "no legend while the token view is on"
     reply = last_reply(driver)
     tokens = reply.find_elements("css selector", ".reply-tokens .tok")
@@ -272,10 +277,7 @@ def test_token_view_is_one_tab_stop_walked_with_arrows_and_opened_with_enter(ser
 
 def test_top_k_from_the_panel_filters_all_but_three_in_every_card(server, browser):
     driver = browser(server.base)
-    settings(driver, temperature=1, top_p=1, top_k=3, min_p=0, max_tokens=12, seed=3)
-    send_message(driver, "Count with me")
-    wait_done(driver)
-    driver.find_element("id", "token-view").click()
+    reply_in_token_view(driver, "Count with me", temperature=1, top_p=1, top_k=3, min_p=0, max_tokens=12, seed=3)
     tokens = driver.find_elements("css selector", TOKENS)
     assert tokens
     checked = 0
@@ -295,10 +297,7 @@ def test_top_k_from_the_panel_filters_all_but_three_in_every_card(server, browse
 
 def test_top_p_cut_and_small_probabilities_in_the_card(server, browser):
     driver = browser(server.base)
-    settings(driver, temperature=0.4, top_p=0.5, top_k=0, min_p=0, max_tokens=10, seed=2)
-    send_message(driver, "Hi")
-    wait_done(driver)
-    driver.find_element("id", "token-view").click()
+    reply_in_token_view(driver, "Hi", temperature=0.4, top_p=0.5, top_k=0, min_p=0, max_tokens=10, seed=2)
     cuts = 0
     for token in driver.find_elements("css selector", TOKENS):
         open_card_of(driver, token)

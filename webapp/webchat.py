@@ -64,11 +64,13 @@ def asset(filename):
     return send_from_directory(PAGE, filename)
 
 
-class Settings(Schema):
-    """The sampling settings the page offers; their types and ranges are checked as the API checks them."""
+class Strict(Schema):
     class Meta:
-        unknown = RAISE
+        unknown = RAISE  # a typed protocol: a misspelt field is an error, not silently dropped
 
+
+class Settings(Strict):
+    """The sampling settings the page offers; their types and ranges are checked as the API checks them."""
     temperature = fields.Raw(allow_none=True)
     top_p = fields.Raw(allow_none=True)
     top_k = fields.Raw(allow_none=True)
@@ -77,30 +79,22 @@ class Settings(Schema):
     seed = fields.Raw(allow_none=True)
 
 
-class ChatMessage(Schema):
-    class Meta:
-        unknown = RAISE
-
+class Message(Strict):
     type = fields.String(required=True)
+
+
+class ChatMessage(Message):
     id = fields.String(required=True, validate=validate.Length(1, 64))
     messages = fields.Raw(required=True)
     settings = fields.Nested(Settings, load_default=dict)
     alternatives = Integer(load_default=10, validate=validate.Range(10, 20))
 
 
-class AuthMessage(Schema):
-    class Meta:
-        unknown = RAISE
-
-    type = fields.String(required=True)
+class AuthMessage(Message):
     api_key = fields.String(required=True)
 
 
-class CancelMessage(Schema):
-    class Meta:
-        unknown = RAISE
-
-    type = fields.String(required=True)
+class CancelMessage(Message):
     id = fields.String(required=True)
 
 
