@@ -15,7 +15,8 @@ import numpy as np
 
 
 def namespace(device="cpu"):
-    """Return the array namespace for `device`: 'cpu' (NumPy) or 'cuda'/'gpu' (CuPy)."""
+    """Return the array namespace for `device`: 'cpu' (NumPy, with glibc told to keep freed memory:
+    see keep_freed_memory) or 'cuda'/'gpu' (CuPy)."""
     if device == "cpu":
         import array_api_compat.numpy
 
