@@ -28,11 +28,17 @@ def ensure_chromium():
     if shutil.which("apt-get") is None:
         return f"{CHROMIUM} or {CHROMEDRIVER} is missing, and there is no apt-get to install them"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+
+    def apt_get(*args):
+        return subprocess.run(["apt-get", *args], env=env, capture_output=True, text=True, timeout=600)
+
     try:
-        result = subprocess.run(["apt-get", "install", "-y", "chromium", "chromium-driver"], env=env,
-                                capture_output=True, text=True, timeout=600)
+        result = apt_get("install", "-y", "chromium", "chromium-driver")
+        if result.returncode != 0:  # a fresh machine may not have package lists yet
+            apt_get("update")
+            result = apt_get("install", "-y", "chromium", "chromium-driver")
     except subprocess.TimeoutExpired:
-        return "apt-get install chromium chromium-driver took more than 600 s"
+        return "apt-get took more than 600 s to install chromium chromium-driver"
     if result.returncode != 0 or not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         return f"apt-get install chromium chromium-driver failed ({result.returncode}): {result.stderr[-500:]}"
     return None
