@@ -67,16 +67,12 @@ class Request:
         self.cancelled = True
 
     def __iter__(self):
-        while True:
-            item = self.events.get()
-            if item is DONE:
-                return
-            if isinstance(item, Exception):
-                raise item
+        while (item := self.get(timeout=None)) is not DONE:
             yield item
 
     def get(self, timeout):
-        """The next Event, DONE, or None if nothing came within timeout seconds (for keep-alives)."""
+        """The next Event, DONE, or None if nothing came within timeout seconds (None: wait for one);
+        a failure of the request is raised here."""
         try:
             item = self.events.get(timeout=timeout)
         except queue.Empty:

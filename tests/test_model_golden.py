@@ -4,7 +4,6 @@ The golden files were made by golden/make_golden_logprobs.py (transformers, torc
 float32, eager attention); regenerate them with `make golden`, never by hand.
 """
 
-from pathlib import Path
 
 import numpy as np
 import pytest

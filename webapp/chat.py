@@ -2,13 +2,13 @@
 
 from dataclasses import dataclass
 
-from flask import current_app, g
+from flask import g
 
 from webapp.common import (cancelling_at_exit, current_engine, include_usage, response_meta, sampling_params,
                             usage)
 from webapp.parsing import Blueprint
 from webapp.schemas import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
-from webapp.streaming import SSE_EVENT, sse_response
+from webapp.streaming import SSE_EVENT, stream_response
 
 blp = Blueprint("chat", __name__, url_prefix="/v1", description="Chat completions (OpenAI's, with the seed's extras).")
 
@@ -33,9 +33,7 @@ def create_chat_completion(body):
     """Create a chat completion (set stream for server-sent events)."""
     job = prepare(body)
     if body["stream"]:
-        stream = chunks(job)
-        keep_alive_ms = current_app.extensions["refimpl"].config.keep_alive_ms
-        return sse_response(stream, ChatCompletionChunk(), keep_alive_ms, g.log)
+        return stream_response(chunks(job), ChatCompletionChunk())
     return complete(job)
 
 

@@ -10,14 +10,14 @@ has no prefix, so its log-probability is null).
 import codecs
 from dataclasses import dataclass
 
-from flask import current_app, g
+from flask import g
 
 from webapp.common import (cancelling_at_exit, current_engine, include_usage, response_meta, sampling_params,
                             usage)
 from webapp.errors import ApiError
 from webapp.parsing import Blueprint
 from webapp.schemas import CompletionRequest, CompletionResponse
-from webapp.streaming import SSE_EVENT, sse_response
+from webapp.streaming import SSE_EVENT, stream_response
 
 blp = Blueprint("completions", __name__, url_prefix="/v1",
                 description="Text completions (OpenAI's legacy endpoint; streams, unlike the seed's).")
@@ -54,9 +54,7 @@ def create_completion(body):
     """Create a completion for one or several prompts (set stream for server-sent events)."""
     job = prepare(body)
     if body["stream"]:
-        stream = chunks(job)
-        keep_alive_ms = current_app.extensions["refimpl"].config.keep_alive_ms
-        return sse_response(stream, CompletionResponse(), keep_alive_ms, g.log)
+        return stream_response(chunks(job), CompletionResponse())
     return complete_all(job)
 
 

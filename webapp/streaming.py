@@ -15,7 +15,7 @@ import json
 import queue
 import threading
 
-from flask import Response
+from flask import Response, current_app, g
 
 from webapp.errors import from_exception
 
@@ -31,6 +31,11 @@ DONE = "data: [DONE]\n\n"
 
 def data(obj):
     return f"data: {json.dumps(obj)}\n\n"
+
+
+def stream_response(chunks, schema):
+    """sse_response for the request being served: the app's keep-alive interval, the request's log."""
+    return sse_response(chunks, schema, current_app.extensions["refimpl"].config.keep_alive_ms, g.log)
 
 
 def sse_response(chunks, schema, keep_alive_ms, log):
