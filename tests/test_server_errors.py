@@ -218,6 +218,9 @@ def test_body_over_limit_without_content_length(server):
     ("POST", "/v1/embeddings", 404, "not_found"),
     ("GET", "/v1/models/gpt-4", 404, "model_not_found"),
     ("GET", "/v1/ws", 400, ...),  # a WebSocket route, asked without the upgrade
+    ("POST", "/", 405, "method_not_allowed"),  # the web chat page
+    ("GET", "/chat/nothing.js", 404, "not_found"),
+    ("GET", "/chat/%2E%2E/app.py", 404, "not_found"),  # nothing outside the page's folder is served
 ])
 def test_routes(server, method, path, status, code):
     response = requests.request(method, server.base + path, timeout=30)
