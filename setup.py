@@ -8,7 +8,7 @@ setup(
     # Namespace discovery also finds webapp/static/chat, the web chat page (three files, served at /).
     packages=find_namespace_packages(include=["refimpl", "refimpl.*", "webapp", "webapp.*"]),
     include_package_data=True,
-    package_data={"webapp.static.chat": ["*.html", "*.js", "*.css"]},
+    package_data={"webapp.static": ["*.svg"], "webapp.static.chat": ["*.html", "*.js", "*.css"]},
     install_requires=[
         "numpy>=1.26",
         "array-api-compat>=1.9",
@@ -27,6 +27,7 @@ setup(
         "flask-sock>=0.7",
         "simple-websocket>=1.1",
         "gunicorn>=27",
+        "gevent>=24.10.1",  # gunicorn's gevent worker: a greenlet per connection (see webapp/server.py)
         "swagger-ui-bundle>=1.1",
         "prometheus-client>=0.17",
     ],

@@ -50,11 +50,15 @@ def main(argv=None):
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser calls from this origin, or * for any (repeatable; default: no CORS headers)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="HTTP connections served at once (default: max-seqs + max-queue + 8, so that a full "
-                        "server still answers 429 at once)")
-    p.add_argument("--max-seqs", type=int, default=16, help="sequences decoded together in one batch")
+    p.add_argument("--max-seqs", type=int, default=16,
+                   help="sequences decoded together in one batch, at most (a request's n must fit)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for the batch; beyond: 429")
+    p.add_argument("--max-connections", type=int, default=1000,
+                   help="open connections, idle ones and WebSockets included (default 1000)")
+    p.add_argument("--read-timeout", type=float, default=30,
+                   help="seconds a client may stay silent while sending a body or reading a reply (default 30)")
+    p.add_argument("--ws-idle-timeout", type=float, default=600,
+                   help="seconds an idle WebSocket is kept open (default 600)")
     p.add_argument("--dev", action="store_true", help="Flask's development server instead of gunicorn")
     p.set_defaults(run=cmd_serve)
 
@@ -91,14 +95,10 @@ def sampling_params(args):
 
 def load(args):
     """The model, its tokenizer and its end-of-sequence ids, from --model and --device."""
-    from refimpl.generate import default_stop_ids
-    from refimpl.model import load_model
+    from refimpl.generate import load
     from refimpl.pull import resolve_model
-    from refimpl.tokenizer import Tokenizer
 
-    path = resolve_model(args.model)
-    model, tokenizer = load_model(path, args.device), Tokenizer.from_dir(path)
-    return model, tokenizer, default_stop_ids(tokenizer, model.config, path)
+    return load(resolve_model(args.model), args.device)
 
 
 def stream(model, tokenizer, stop_ids, ids, params):
@@ -172,9 +172,10 @@ def cmd_serve(args):
         return 2
     path = resolve_model(args.model)
     model_id = args.model if args.model in KNOWN_MODELS else Path(path).resolve().name
-    return serve(path, model_id, host=args.host, port=args.port, api_key=args.api_key,
-                 cors_origins=args.cors_origin, max_body_bytes=args.max_body_bytes, threads=args.threads or args.max_seqs + args.max_queue + 8,
-                 device=args.device, dev=args.dev, max_seqs=args.max_seqs, max_queue=args.max_queue)
+    return serve(path, model_id, host=args.host, port=args.port, device=args.device, dev=args.dev,
+                 max_seqs=args.max_seqs, max_queue=args.max_queue, max_connections=args.max_connections,
+                 api_key=args.api_key, cors_origins=tuple(args.cors_origin), max_body_bytes=args.max_body_bytes,
+                 read_timeout_s=args.read_timeout, ws_idle_s=args.ws_idle_timeout)
 
 
 def cmd_chat(args):

@@ -15,8 +15,13 @@ runs one forward pass per step over every running sequence (continuous batching)
 - Prefix caching: a finished prompt's cache is kept (within prefix_cache_tokens positions,
   least recently used first out); a new prompt that starts with a kept one copies that prefix
   instead of recomputing it (the same system prompt, a chat that goes on).
-- Bounds: more than max_queue waiting requests is refused at once (EngineFull), never queued.
-- Cancellation (a client gone) frees the request's caches at the next step.
+- Bounds: at most max_seqs sequences run in a step, whatever the requests ask (a request's n
+  choices are admitted together, so n > max_seqs can never run and is refused: NeverFits); more
+  than max_queue waiting requests is refused at once (EngineFull), never queued.
+- Prompt scoring (echo with logprobs) is prefill that keeps every position's log-probabilities:
+  it runs in the same chunks as any prefill, so its memory is bounded by the chunk, not the prompt.
+- Cancellation (a client gone) frees the request's caches at the next step, whether the request
+  waits, prefills or decodes.
 - An exception while sampling fails only that request; a failing forward pass is retried
   sequence by sequence so that only the sequences that fail are failed.
 
@@ -28,7 +33,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 
-from refimpl.generate import generate
+from refimpl.generate import chunk_logprobs, generate
 from refimpl.model import forward
 from refimpl.xp import to_numpy
 
@@ -47,11 +52,21 @@ class RequestFailed(RuntimeError):
     """The engine could not finish this request."""
 
 
+class NeverFits(ValueError):
+    """A request larger than this engine's bounds could ever take, however long it waited (400)."""
+
+    def __init__(self, param, message):
+        super().__init__(message)
+        self.param = param
+
+
 class Request:
     """One submitted generation: iterate for its Events; cancel() if the client goes away."""
 
-    def __init__(self, generation):
+    def __init__(self, generation, score_top=None):
         self.generation = generation  # validated parameters, per-choice state and the sampling step
+        self.score_top = score_top  # None, or score the prompt with this many alternatives per position
+        self.prompt_logprobs = [None] if score_top is not None else None  # filled before the first event
         self.events = queue.Queue()
         self.cancelled = False
         self.cache = None  # the prompt's cache while prefilling
@@ -83,7 +98,12 @@ class Request:
 
 
 class PrefixCache:
-    """Recently prefilled prompts and their caches, bounded by the positions they hold."""
+    """Recently prefilled prompts and their caches, bounded by the positions they hold.
+
+    A kept cache is the one its request's first choice goes on decoding into: that is safe
+    because decoding writes only positions at or after len(prompt), and longest_prefix never
+    hands out more than len(prompt) - 1 positions of it. Sharing it saves copying every prompt.
+    """
 
     def __init__(self, max_tokens):
         self.max_tokens = max_tokens
@@ -113,6 +133,24 @@ class PrefixCache:
             self.tokens -= old.capacity
 
 
+def is_scoring(entry):
+    """Whether a batch entry (request, choice index, tokens, cache) is a prompt chunk to be scored."""
+    request, index = entry[0], entry[1]
+    return index is None and request.score_top is not None
+
+
+def split_rows(batch, logits, all_logits):
+    """Logits of a forward pass, one item per batch entry (see forward_isolating_failures)."""
+    if not all_logits:
+        return list(to_numpy(logits))  # [B, V]: one row per sequence
+    rows, lo = [], 0
+    for entry in batch:
+        hi = lo + len(entry[2])
+        rows.append(logits[lo:hi, ...] if is_scoring(entry) else to_numpy(logits[hi - 1, ...]))
+        lo = hi
+    return rows
+
+
 def common_prefix_length(a, b, limit):
     n = 0
     for x, y in zip(a, b):
@@ -124,8 +162,12 @@ def common_prefix_length(a, b, limit):
 
 class Engine:
     def __init__(self, model, tokenizer, stop_ids, max_seqs=16, max_queue=64, prefill_chunk=256,
-                 prefix_cache_tokens=4096):
+                 prefix_cache_tokens=4096, offload=None):
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, set(stop_ids)
+        # offload(f, *args) runs a forward pass and returns f(*args). A server whose connections are
+        # greenlets of one thread (gevent) passes one that runs it in a real thread, so that its
+        # event loop goes on serving while the weights are read; the default calls it here.
+        self.offload = offload or (lambda f, *args: f(*args))
         self.max_seqs, self.max_queue, self.prefill_chunk = max_seqs, max_queue, prefill_chunk
         self.prefix_cache = PrefixCache(prefix_cache_tokens)
         self.waiting = deque()
@@ -139,21 +181,38 @@ class Engine:
 
     # ---------------------------------------------------------------- request threads
 
-    def submit(self, prompt_ids, params):
-        """Queue a generation; raises InvalidParameter, ContextLengthExceeded, EngineFull or EngineStopped."""
-        request = Request(generate(self.model, self.tokenizer, prompt_ids, params, self.stop_ids))
+    def submit(self, prompt_ids, params, score_top=None):
+        """Queue one generation (see submit_all)."""
+        return self.submit_all([prompt_ids], params, score_top)[0]
+
+    def submit_all(self, prompts, params, score_top=None):
+        """Queue one generation per prompt, all of them or none; `score_top` (an int) also scores
+        each prompt. Raises InvalidParameter, ContextLengthExceeded or NeverFits when the request
+        can never run, EngineFull when it cannot wait now, EngineStopped while shutting down."""
+        if params.n > self.max_seqs:
+            raise NeverFits("n", f"n={params.n} choices are more than the {self.max_seqs} sequences this "
+                                 f"server decodes at once (max_seqs); ask for at most {self.max_seqs}")
+        if len(prompts) > self.max_queue:
+            raise NeverFits("prompt", f"{len(prompts)} prompts are more than the {self.max_queue} requests this "
+                                      f"server queues (max_queue); send at most {self.max_queue} per request")
+        requests = [Request(generate(self.model, self.tokenizer, ids, params, self.stop_ids), score_top)
+                    for ids in prompts]
         with self.lock:
             if self.stopping:
                 raise EngineStopped("the server is shutting down")
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + len(requests) > self.max_queue:
                 raise EngineFull(f"{len(self.waiting)} requests are already waiting (max_queue {self.max_queue})")
-            self.waiting.append(request)
+            self.waiting.extend(requests)
             self.lock.notify()
-        return request
+        return requests
 
     @property
     def running_sequences(self):
         return sum(len(r.choices) if r.choices else r.generation.params.n for r in self.running)
+
+    @property
+    def waiting_requests(self):
+        return len(self.waiting)
 
     def stop_admitting(self):
         with self.lock:
@@ -176,6 +235,9 @@ class Engine:
             except Exception as error:  # noqa: BLE001 - a bug here must not kill the engine thread
                 for request in list(self.running):
                     self.fail(request, error)
+            # Let other threads run between steps: under a cooperative server (gevent's greenlets),
+            # a step is never interrupted, so this is where connections are served.
+            time.sleep(0)
 
     def admit(self):
         """Move waiting requests into the running set while there is room for all their choices."""
@@ -185,7 +247,7 @@ class Engine:
                 self.waiting.popleft()
                 self.finish(request, "canceled")
                 continue
-            if self.running and self.running_sequences + request.generation.params.n > self.max_seqs:
+            if self.running_sequences + request.generation.params.n > self.max_seqs:  # n <= max_seqs: see submit_all
                 return
             self.waiting.popleft()
             request.prefill_started = time.perf_counter()
@@ -195,6 +257,8 @@ class Engine:
     def start_prefill(self, request):
         gen = request.generation
         request.cache = self.model.new_cache(len(gen.prompt_ids) + gen.max_new)
+        if request.score_top is not None:  # every position's log-probabilities: nothing to skip
+            return
         cached, n = self.prefix_cache.longest_prefix(gen.prompt_ids)
         if n:
             request.cache.copy_prefix(self.model.xp, cached, n)
@@ -221,7 +285,7 @@ class Engine:
                         batch.append((request, index, [choice.generated[-1]], choice.cache))
         if not batch:
             return
-        rows = self.forward_isolating_failures(batch)
+        rows = self.forward_isolating_failures(batch, any(is_scoring(b) for b in batch))
         self.stats["steps"] += 1
         for (request, index, tokens, cache), row in zip(batch, rows):
             if request.cancelled or request not in self.running:
@@ -233,21 +297,29 @@ class Engine:
             else:
                 self.after_decode(request, index, row)
 
-    def forward_isolating_failures(self, batch):
-        """Logits rows for the batch; if the batched pass fails, each sequence is run alone."""
+    def forward_isolating_failures(self, batch, all_logits):
+        """Per batch entry, its logits: the last row [V] on the host, or all its rows [T, V] when it
+        scores its prompt. If the batched pass fails, each sequence is run alone."""
         try:
-            return list(to_numpy(forward(self.model, [b[2] for b in batch], [b[3] for b in batch])))
+            return split_rows(batch, self.offload(forward, self.model, [b[2] for b in batch], [b[3] for b in batch],
+                                                  all_logits), all_logits)
         except Exception:
             rows = []
-            for _, _, tokens, cache in batch:
+            for entry in batch:
                 try:
-                    rows.append(to_numpy(forward(self.model, [tokens], [cache]))[0])
+                    rows += split_rows([entry], self.offload(forward, self.model, [entry[2]], [entry[3]],
+                                                             is_scoring(entry)), is_scoring(entry))
                 except Exception as error:  # noqa: BLE001 - the request concerned gets the error
                     rows.append(error)
             return rows
 
     def after_prompt_chunk(self, request, chunk, row):
         gen = request.generation
+        if request.score_top is not None:  # row: [T, V], row t predicts prompt token prefilled + t + 1
+            following = gen.prompt_ids[request.prefilled + 1:request.prefilled + len(chunk) + 1]
+            request.prompt_logprobs += chunk_logprobs(self.model.xp, self.tokenizer, row, following,
+                                                      request.score_top)
+            row = to_numpy(row[-1, ...])
         request.prefilled += len(chunk)
         self.stats["prompt_tokens_computed"] += len(chunk)
         if request.prefilled < len(gen.prompt_ids):

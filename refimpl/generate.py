@@ -12,7 +12,8 @@ Text leaves here as deltas that never have to be taken back:
   or cannot any more.
 
 finish_reason is "stop" (end-of-sequence token, stop token or stop string) or "length"
-(max_tokens, or the end of the context window). A stop token is not part of the text.
+(max_tokens, or the end of the context window). A stop token is not part of the text, but its
+event carries its log-probabilities like any token's (a scorer needs to know it was generated).
 """
 
 import codecs
@@ -25,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from refimpl.explain import explain, most_likely, token_text
-from refimpl.model import forward
+from refimpl.model import forward, load_model
 from refimpl.sampling import log_softmax, sample
+from refimpl.tokenizer import Tokenizer
 from refimpl.xp import namespace, to_numpy
 
 HOST = namespace("cpu")  # log-probabilities reported to users are computed on the host
@@ -67,6 +69,7 @@ class Event:
     finish_reason: str | None = None
     offset: int = 0  # where the token starts in the choice's text, in characters (code points)
     insight: object = None  # explain.TokenInsight when params.explain asks for one
+    stop_token: bool = False  # the token is an end-of-sequence or stop token: it ends the choice, adds no text
 
 
 @dataclass
@@ -91,11 +94,67 @@ class Usage:
 
 
 class TextStream:
-    """Token bytes in, text deltas out: no partial characters, nothing that belongs to a stop string."""
+    """Token bytes in, text deltas out: no partial characters, nothing that belongs to a stop string.
+
+    Where stop strings overlap, the text is cut at the one that is complete first, as if the text
+    grew one character at a time (vLLM too cuts at the first stop string to appear as tokens
+    arrive); of those that end at the same character, at the longest, which begins first. So with
+    stop strings "abcd" and "bc", "abcd" ends the text after "a", however it is split into tokens.
+    """
+
+    class StopStrings:
+        """An Aho-Corasick automaton over the stop strings, read one character at a time. Its states
+        are the prefixes of stop strings (the nodes of their trie); after each character the state is
+        the longest suffix of the text that is such a prefix, so its depth is the text to hold back.
+        A mismatch falls back along failure links (to the next shorter such suffix): as each character
+        deepens the state by one at most, the fall-backs cost O(1) per character over the whole text."""
+
+        # By hand, not pyahocorasick: it reports matches but not the depth of its state, which is what
+        # says how much to hold back; and a C dependency is not worth thirty readable lines.
+        def __init__(self, stops):
+            if "" in stops:
+                raise ValueError("an empty stop string would end the text before it begins")
+            self.goto, self.fail, self.depth, self.ends = [{}], [0], [0], [0]  # node 0, the root: ""
+            for s in stops:  # the trie: one node per distinct prefix
+                node = 0
+                for ch in s:
+                    if ch not in self.goto[node]:
+                        self.goto[node][ch] = len(self.goto)
+                        self.goto.append({})
+                        self.fail.append(0)
+                        self.depth.append(self.depth[node] + 1)
+                        self.ends.append(0)
+                    node = self.goto[node][ch]
+                self.ends[node] = len(s)
+            # Failure links breadth first: a node's link is shallower, so it is complete before the node's.
+            # ends[node]: the longest stop string that is a suffix of the node's prefix (0: none).
+            order = list(self.goto[0].values())  # depth 1: they fall back to the root
+            for node in order:
+                for ch, child in self.goto[node].items():
+                    self.fail[child] = self.step(self.fail[node], ch)
+                    self.ends[child] = self.ends[child] or self.ends[self.fail[child]]
+                    order.append(child)
+            self.state = 0
+
+        def step(self, node, ch):
+            while node and ch not in self.goto[node]:
+                node = self.fail[node]
+            return self.goto[node].get(ch, 0)
+
+        def read(self, ch):
+            """Read one character; return the length of the longest stop string it ends (0: none)."""
+            self.state = self.step(self.state, ch)
+            return self.ends[self.state]
+
+        @property
+        def held(self):
+            """Length of the longest tail of the text read that begins some stop string."""
+            return self.depth[self.state]
 
     def __init__(self, stop_strings=()):
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stop_strings = list(stop_strings)
+        self.stops = self.StopStrings(self.stop_strings)
         self.text = ""  # everything decoded so far (cut at a stop string once found)
         self.sent = 0  # how much of text has been released
         self.stopped = False
@@ -104,32 +163,30 @@ class TextStream:
         """Add one token's bytes; return the text that can be released now."""
         if self.stopped:  # the text ended at a stop string: nothing after it is ever released
             return ""
-        self.text += self.utf8.decode(token_bytes)
-        return self._release(final=False)
+        return self._release(self.utf8.decode(token_bytes), final=False)
 
     def finish(self):
         """The generation ended: release what was held back (an incomplete character becomes U+FFFD)."""
         if self.stopped:  # bytes of a half-decoded character after the stop string are not text
             return ""
-        self.text += self.utf8.decode(b"", final=True)
-        return self._release(final=True)
+        return self._release(self.utf8.decode(b"", final=True), final=True)
 
-    def _release(self, final):
-        # Released text never ends with the start of a stop string (see below), so a stop string
-        # can only begin in the unreleased part.
-        hits = [i for i in (self.text.find(s, self.sent) for s in self.stop_strings) if i >= 0]
-        if hits:
-            self.text, self.stopped = self.text[:min(hits)], True
-            final = True
-        end = len(self.text) if final else len(self.text) - self.pending_stop_prefix()
+    def _release(self, new, final):
+        # Each new character goes through the automaton once: the work per token is its length, not
+        # the length of the held-back text. A stop string found now began in the held-back tail (its
+        # first characters were held as the start of a stop string), so the cut takes nothing back.
+        start = len(self.text)
+        self.text += new
+        for i, ch in enumerate(new):
+            found = self.stops.read(ch)
+            if found:  # a stop string ends at this character: the text ends where it begins
+                self.text, self.stopped, final = self.text[:start + i + 1 - found], True, True
+                break
+        if final:  # everything is released: no stop string can begin in the text so far any more
+            self.stops.state = 0
+        end = len(self.text) if final else len(self.text) - self.stops.held
         delta, self.sent = self.text[self.sent:end], max(self.sent, end)
         return delta
-
-    def pending_stop_prefix(self):
-        """Length of the longest unreleased tail of the text that begins some stop string."""
-        tail = self.text[self.sent:]
-        return max((k for s in self.stop_strings for k in range(min(len(s) - 1, len(tail)), 0, -1)
-                    if s.startswith(tail[-k:])), default=0)
 
 
 def top_logprobs(tokenizer, logprobs, count):
@@ -211,13 +268,13 @@ class Generation:
         # (bytes of an unfinished character are pending there, not yet text).
         offset = len(choice.text.text)
         insight = explain(self.tokenizer, row, step, params, params.explain) if params.explain else None
-        if token in self.stop_ids:  # not part of the text, nor of the logprobs
-            choice.finished = True
-            return Event(index, token, choice.text.finish(), None, "stop", offset, insight)
         logprobs = None
         if params.logprobs:
             lp = to_numpy(log_softmax(HOST, row.astype(np.float64)))
             logprobs = token_logprobs(self.tokenizer, lp, token, params.top_logprobs)
+        if token in self.stop_ids:  # not part of the text; its logprobs are there for who scores it
+            choice.finished = True
+            return Event(index, token, choice.text.finish(), logprobs, "stop", offset, insight, stop_token=True)
         text = choice.text.push(self.tokenizer.token_bytes(token))
         finish = "stop" if choice.text.stopped else "length" if len(choice.generated) >= self.max_new else None
         if finish == "length":
@@ -231,11 +288,34 @@ def generate(model, tokenizer, prompt_ids, params, stop_ids=()):
     return Generation(model, tokenizer, prompt_ids, params, stop_ids)
 
 
+# Prompts are scored this many positions at a time: the logits of a whole prompt at once would take
+# T x V floats (8192 tokens x 49152: 1.6 GB), a chunk's take 50 MB whatever the prompt's length.
+SCORE_CHUNK = 256
+
+
 def prompt_logprobs(model, tokenizer, ids, top=0):
     """log p(token i | tokens before i) for every prompt token: None for the first, which has no prefix."""
     cache = model.new_cache(len(ids))
-    lp = to_numpy(log_softmax(model.xp, forward(model, [ids], [cache], all_logits=True)))  # [T, V]
-    return [None] + [token_logprobs(tokenizer, lp[i - 1], ids[i], top) for i in range(1, len(ids))]
+    entries = [None]
+    for lo in range(0, len(ids), SCORE_CHUNK):
+        chunk = ids[lo:lo + SCORE_CHUNK]
+        logits = forward(model, [chunk], [cache], all_logits=True)  # [T, V], row t predicts token lo+t+1
+        entries += chunk_logprobs(model.xp, tokenizer, logits, ids[lo + 1:lo + len(chunk) + 1], top)
+    return entries
+
+
+def chunk_logprobs(xp, tokenizer, logits, next_ids, top):
+    """Entries for the tokens that logits rows [T, V] predict: next_ids, one per row (the last row
+    of a prompt predicts no prompt token, so next_ids may be one shorter)."""
+    lp = to_numpy(log_softmax(xp, logits))  # [T, V]
+    return [token_logprobs(tokenizer, lp[t], token, top) for t, token in enumerate(next_ids)]
+
+
+def load(path, device="cpu"):
+    """The model, its tokenizer and its end-of-sequence ids, from an HF-layout directory."""
+    model = load_model(path, device)
+    tokenizer = Tokenizer.from_dir(path)
+    return model, tokenizer, default_stop_ids(tokenizer, model.config, path)
 
 
 def default_stop_ids(tokenizer, model_config, model_dir=None):

@@ -23,7 +23,7 @@ import numpy as np
 from refimpl.config import ModelConfig
 from refimpl.kv_cache import KVCache
 from refimpl.weights import load_weights
-from refimpl.xp import namespace
+from refimpl.xp import keep_freed_memory, namespace
 
 
 @dataclass
@@ -43,6 +43,8 @@ def load_model(path, device="cpu", xp=None):
     `device` picks the array namespace; `xp` overrides it (the tests pass array_api_strict).
     """
     xp = xp or namespace(device)
+    if device == "cpu":
+        keep_freed_memory()  # a CPU forward pass reuses large short-lived arrays (see xp.py)
     config = ModelConfig.from_dir(path)
     weights = load_weights(Path(path), config, xp)
     return Model(config, weights, xp, xp.asarray(rope_inverse_frequencies(config)))
@@ -51,15 +53,19 @@ def load_model(path, device="cpu", xp=None):
 def rope_inverse_frequencies(cfg):
     """RoPE's per-pair rotation speeds theta^(-2i/Dh), with llama3 rescaling when configured.
 
-    Computed in float32 exactly as transformers does, so that angles at long positions agree
-    to the last bit rather than drifting by float64-vs-float32 rounding.
+    The exponent 2i/Dh is float32, as in transformers; the power and reciprocal are float64,
+    rounded once to float32, so each value is correctly rounded (unless a float64 error straddles
+    a float32 rounding boundary, odds ~1e-8) and the same on every CPU. A float32 pow is not:
+    its last bits depend on the SIMD path. transformers' float32 values are within 2 ULP of these.
     """
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)  # [Dh/2]
+    inv_freq = (1.0 / cfg.rope_theta ** exponent.astype(np.float64)).astype(np.float32)
     s = cfg.rope_scaling
     if s is None:
         return inv_freq
     # Llama 3.1: leave high frequencies alone, divide low ones by `factor`, blend in between.
+    # float32 arithmetic in transformers' order: each step is one IEEE rounding, the same on every CPU.
     old_len, factor = s["original_max_position_embeddings"], s["factor"]
     low_freq_wavelen = old_len / s["low_freq_factor"]
     high_freq_wavelen = old_len / s["high_freq_factor"]

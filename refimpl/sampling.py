@@ -30,6 +30,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 FLOAT64_MAX = np.finfo(np.float64).max
+# The stop strings of one request may total this many characters. Matching costs O(1) per generated
+# character whatever their length, but each choice builds a trie node per character of them; real
+# stop strings are a few characters ("\n\n", "</s>", "User:"), so 16 of 256 characters is generous.
+# (OpenAI takes 4 stop strings and states no length limit; vLLM and mistral.rs set none.)
+MAX_STOP_CHARS = 4096
 
 
 class InvalidParameter(ValueError):
@@ -99,6 +104,9 @@ class SamplingParams:
         check(integer(self.n) and 1 <= self.n <= 128, "n", "must be between 1 and 128")
         check(isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s for s in self.stop)
               and len(self.stop) <= 16, "stop", "must be up to 16 non-empty strings")
+        total = sum(map(len, self.stop))
+        check(total <= MAX_STOP_CHARS, "stop",
+              f"strings may total at most {MAX_STOP_CHARS} characters; these total {total}")
         check(isinstance(self.stop_token_ids, (list, tuple))  # the API takes stop token ids in `stop`
               and all(integer(t) and 0 <= t < vocab_size for t in self.stop_token_ids), "stop",
               f"token ids must be token ids of this vocabulary (0..{vocab_size - 1})")

@@ -15,12 +15,12 @@ import numpy as np
 
 
 def namespace(device="cpu"):
-    """Return the array namespace for `device`: 'cpu' (NumPy, with glibc told to keep freed memory:
-    see keep_freed_memory) or 'cuda'/'gpu' (CuPy)."""
+    """Return the array namespace for `device`: 'cpu' (NumPy) or 'cuda'/'gpu' (CuPy).
+
+    Choosing a namespace changes nothing else in the process (modules call this at import);
+    tuning the allocator for a CPU model is load_model's decision (keep_freed_memory)."""
     if device == "cpu":
         import array_api_compat.numpy
-
-        keep_freed_memory()
 
         return array_api_compat.numpy
     if device in ("cuda", "gpu"):

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from refimpl.sampling import InvalidParameter, SamplingParams, apply_penalties, filter_mask, sample, softmax
+from refimpl.sampling import (MAX_STOP_CHARS, InvalidParameter, SamplingParams, apply_penalties, filter_mask, sample,
+                              softmax)
 
 from conftest import GOLDEN, load_golden
 
@@ -346,6 +347,20 @@ GOOD = [
 @pytest.mark.parametrize("kwargs", GOOD, ids=[repr(k) for k in GOOD])
 def test_values_at_the_edges_are_accepted(kwargs):
     SamplingParams(**kwargs).validate(VOCAB)
+
+
+@pytest.mark.parametrize("lengths", [[MAX_STOP_CHARS + 1], [MAX_STOP_CHARS // 2 + 1] * 2, [3, 65_000]],
+                         ids=["one-over", "two-together-over", "65000"])
+def test_stop_strings_over_the_total_length_limit_are_refused_naming_limit_and_total(lengths):
+    """A 65,000-character stop string once stalled every stream of the server; now it is a 400."""
+    with pytest.raises(InvalidParameter) as error:
+        SamplingParams(stop=["x" * n for n in lengths]).validate(VOCAB)
+    assert error.value.param == "stop"
+    assert f"at most {MAX_STOP_CHARS} characters" in str(error.value) and f"total {sum(lengths)}" in str(error.value)
+
+
+def test_stop_strings_up_to_the_total_length_limit_are_accepted():
+    SamplingParams(stop=["x" * (MAX_STOP_CHARS // 2)] * 2).validate(VOCAB)
 
 
 def test_one_stop_string_is_a_list_of_one():

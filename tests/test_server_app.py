@@ -9,18 +9,23 @@ import pytest
 
 from server_helpers import data_events, sse_events, tiny_model_dir
 from webapp.app import ServerConfig, create_app, keep_alive_from_env
-from webapp.engine_adapter import Engine, ModelState
 from webapp.errors import first_error
+from webapp.serving import POLL_SECONDS, Job, ModelState
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    return Engine.load(tiny_model_dir(tmp_path_factory.mktemp("app") / "tiny"))
+def state(tmp_path_factory):
+    return ModelState.loaded(tiny_model_dir(tmp_path_factory.mktemp("app") / "tiny"))
 
 
 @pytest.fixture
-def client(engine):
-    return create_app(engine, ServerConfig(keep_alive_ms=10_000)).test_client()
+def engine(state):
+    return state.engine
+
+
+@pytest.fixture
+def client(state):
+    return create_app(state, ServerConfig(keep_alive_ms=10_000)).test_client()
 
 
 def error_of(response, status):
@@ -37,7 +42,7 @@ def test_health_is_503_until_the_model_is_loaded(engine):
     assert error_of(client.get("/health"), 503)["code"] == "model_not_ready"
     assert error_of(client.post("/v1/completions", json={"prompt": "x"}), 503)["code"] == "model_not_ready"
     assert client.get("/docs").status_code == 200 and client.get("/openapi.json").status_code == 200
-    state.engine = engine
+    state.engine, state.model_id = engine, "tiny"
     assert client.get("/health").get_json() == {"status": "ok", "model": "tiny"}
 
 
@@ -45,7 +50,7 @@ def test_health_reports_a_failed_load():
     def fail():
         raise FileNotFoundError("no weights here")
 
-    state = ModelState().load_in_background(fail)
+    state = ModelState().load_in_background(fail, "tiny")
     client = create_app(state, ServerConfig(keep_alive_ms=10_000)).test_client()
     deadline = time.monotonic() + 10
     while state.error is None and time.monotonic() < deadline:
@@ -58,7 +63,7 @@ def test_unexpected_error_is_a_500_envelope_without_traceback(engine, monkeypatc
     def broken(*args):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(engine, "start", broken)
+    monkeypatch.setattr(engine, "submit_all", broken)
     response = client.post("/v1/chat/completions", json={"messages": "hi"})
     error = error_of(response, 500)
     assert error["type"] == "server_error" and error["code"] == "internal_error"
@@ -67,16 +72,16 @@ def test_unexpected_error_is_a_500_envelope_without_traceback(engine, monkeypatc
     assert "Traceback" not in response.get_data(as_text=True)
 
 
-def test_error_during_a_stream_is_one_error_event_then_done(engine, monkeypatch, client):
-    real_events = engine.events
+def test_error_during_a_stream_is_one_error_event_then_done(monkeypatch, client):
+    real_events = Job.events
 
-    def failing(generation):
-        for i, event in enumerate(real_events(generation)):
+    def failing(job, poll=POLL_SECONDS):
+        for i, item in enumerate(real_events(job, poll)):
             if i == 2:
                 raise RuntimeError("the engine broke")
-            yield event
+            yield item
 
-    monkeypatch.setattr(engine, "events", failing)
+    monkeypatch.setattr(Job, "events", failing)
     response = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 5, "stream": True})
     assert response.status_code == 200
     blocks = sse_events(response.get_data(as_text=True))
@@ -107,7 +112,7 @@ def test_stop_token_ids(client):
     free = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 8, "temperature": 0, "logprobs": 0,
                                                 "logit_bias": {"2": -100}}).get_json()["choices"][0]
     tokens = free["logprobs"]["tokens"]
-    token = client.application.extensions["refimpl"].state.engine.text_prompt(tokens[3])
+    token = client.application.extensions["refimpl"].state.engine.tokenizer.encode(tokens[3])
     assert len(token) == 1
     stopped = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 8, "temperature": 0,
                                                    "stop": token, "logit_bias": {"2": -100}}).get_json()["choices"][0]
@@ -119,10 +124,10 @@ def test_no_cors_headers_by_default(client):
     assert not any(h.lower().startswith("access-control-") for h in response.headers.keys())
 
 
-def test_two_apps_side_by_side(engine):
+def test_two_apps_side_by_side(state):
     """The factory can be called again (tests, or an app per model): blueprints and docs do not leak."""
-    a = create_app(engine, ServerConfig(keep_alive_ms=10_000)).test_client()
-    b = create_app(engine, ServerConfig(api_key="k", keep_alive_ms=10_000)).test_client()
+    a = create_app(state, ServerConfig(keep_alive_ms=10_000)).test_client()
+    b = create_app(state, ServerConfig(api_key="k", keep_alive_ms=10_000)).test_client()
     assert a.get("/v1/models").status_code == 200 and b.get("/v1/models").status_code == 401
     assert a.get("/openapi.json").get_json()["paths"] == b.get("/openapi.json").get_json()["paths"]
 
@@ -151,17 +156,17 @@ def test_keep_alive_interval_from_environment(monkeypatch):
         keep_alive_from_env()
 
 
-def test_keep_alive_while_waiting_for_the_model(engine, monkeypatch):
+def test_keep_alive_while_waiting_for_the_model(state, engine, monkeypatch):
     """Keep-alives flow while a stream waits for its first step (here: an engine step that stalls)."""
-    client = create_app(engine, ServerConfig(keep_alive_ms=20)).test_client()
+    client = create_app(state, ServerConfig(keep_alive_ms=20)).test_client()
     release = threading.Event()
-    real_step = engine.batcher.step
+    real_step = engine.step
 
     def stalled_step():
         release.wait()
         real_step()
 
-    monkeypatch.setattr(engine.batcher, "step", stalled_step)
+    monkeypatch.setattr(engine, "step", stalled_step)
     threading.Timer(0.3, release.set).start()
     response = client.post("/v1/chat/completions", json={"messages": "hi", "max_tokens": 2, "stream": True})
     blocks = sse_events(response.get_data(as_text=True))

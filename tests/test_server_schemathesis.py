@@ -24,7 +24,7 @@ from schemathesis.specs.openapi.checks import (
 
 from server_helpers import tiny_model_dir
 from webapp.app import ServerConfig, create_app
-from webapp.engine_adapter import Engine, ModelState
+from webapp.serving import ModelState
 from webapp.schemas import ChatCompletionChunk, CompletionResponse
 
 
@@ -61,7 +61,8 @@ schema.config.max_stream_events = 100_000  # read every stream to its end ([DONE
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_engine(tmp_path_factory):
-    STATE.engine = Engine.load(tiny_model_dir(tmp_path_factory.mktemp("tiny64"), context=64))
+    loaded = ModelState.loaded(tiny_model_dir(tmp_path_factory.mktemp("tiny64"), context=64))
+    STATE.engine, STATE.model_id = loaded.engine, loaded.model_id
     yield
     STATE.engine = None
 

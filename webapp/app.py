@@ -10,6 +10,7 @@ and errors.py turning anything that goes wrong into OpenAI's error envelope.
 import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from urllib.parse import urlsplit
 
 import flask_smorest
 from flask import Flask, g, request
@@ -18,14 +19,13 @@ from refimpl import __version__
 
 from webapp import chat, completions, errors, meta, metrics, webchat
 from webapp.common import RequestLog, api_key_matches
-from webapp.engine_adapter import ModelState
 from webapp.errors import ApiError
 from webapp.schemas import ChatCompletionChunk, ErrorResponse, either2properties
 
-# Routes anyone may call when an API key is set: the health check, the documentation and the
-# chat page (whose WebSocket asks for the key itself: see the before_request hook).
+# Routes anyone may call when an API key is set: the health check, the documentation, the icon
+# and the chat page (whose WebSocket asks for the key itself: see the before_request hook).
 PUBLIC_ENDPOINTS = {"models.health", "api-docs.openapi_json", "api-docs.openapi_swagger_ui", "docs_static",
-                    "openapi_alias", "webchat.page", "webchat.asset"}
+                    "openapi_alias", "favicon", "webchat.page", "webchat.asset"}
 WEBSOCKET_ENDPOINT = "webchat.websocket"
 
 
@@ -41,18 +41,20 @@ def keep_alive_from_env():
 class ServerConfig:
     api_key: str | None = None  # when set, every route but PUBLIC_ENDPOINTS needs "Authorization: Bearer KEY"
     cors_origins: tuple = ()  # origins allowed to call from a browser ("*" for any); none: no CORS headers
-    max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413, larger WebSocket messages close it (1009)
     keep_alive_ms: int = field(default_factory=keep_alive_from_env)
+    read_timeout_s: float = 30  # a connection silent this long while sending a body or reading a reply is closed
+    ws_ping_s: float = 20  # an open WebSocket is pinged this often, and closed if the last ping got no pong
+    ws_idle_s: float = 600  # a WebSocket that sends nothing and waits for no reply this long is closed
 
 
 class Api(flask_smorest.Api):
     ERROR_SCHEMA = ErrorResponse  # every documented error response is OpenAI's envelope
 
 
-def create_app(engine_or_state, config=None):
-    """A Flask app serving an engine (webapp.engine_adapter.Engine) or a ModelState still loading one."""
+def create_app(state, config=None):
+    """A Flask app serving the model of a serving.ModelState (loaded, or still loading)."""
     config = config or ServerConfig()
-    state = engine_or_state if isinstance(engine_or_state, ModelState) else ModelState(engine_or_state)
     app = Flask("webapp")
     app.json.sort_keys = False  # keep OpenAI's field order
     app.config.update(
@@ -62,10 +64,12 @@ def create_app(engine_or_state, config=None):
         OPENAPI_SWAGGER_UI_PATH="docs", OPENAPI_SWAGGER_UI_URL=meta.SWAGGER_UI_URL,
         OPENAPI_SWAGGER_UI_CONFIG={"validatorUrl": None},  # Swagger UI would otherwise call validator.swagger.io
         API_SPEC_OPTIONS=spec_options(config),
+        # simple-websocket: ping idle sockets, and close one whose message exceeds the body limit
+        # (1009) as its bytes arrive, before anything is parsed.
+        SOCK_SERVER_OPTIONS={"ping_interval": config.ws_ping_s, "max_message_size": config.max_body_bytes},
     )
     app.extensions["refimpl"] = SimpleNamespace(state=state, config=config, metrics=metrics.Metrics(state),
                                                 draining=False)
-    state.on_ready(lambda engine: setattr(engine, "metrics", app.extensions["refimpl"].metrics))
 
     api = Api(app)
     api.ma_plugin.converter.add_attribute_function(either2properties)
@@ -83,6 +87,8 @@ def create_app(engine_or_state, config=None):
         if app.extensions["refimpl"].draining:  # SIGTERM: finish what runs, admit nothing new
             raise ApiError(503, "the server is shutting down; retry on another instance or later",
                            code="server_shutting_down", headers={"Retry-After": "5"})
+        if request.endpoint == WEBSOCKET_ENDPOINT:
+            check_websocket_origin(config.cors_origins)
         if config.api_key is not None and request.endpoint not in PUBLIC_ENDPOINTS and request.method != "OPTIONS":
             if request.endpoint == WEBSOCKET_ENDPOINT and "Authorization" not in request.headers:
                 g.websocket_authorised = False  # a browser cannot send the header: the socket asks for the key
@@ -103,13 +109,29 @@ def create_app(engine_or_state, config=None):
 
 
 def spec_options(config):
-    """OpenAPI document options: a description of the server's rules, and bearer auth when a key is set."""
-    options = {"info": {"description": (
-        "The HTTP API of mistral.rs (an OpenAI-compatible superset) on refimpl, a reference engine. "
-        "Unknown request fields are ignored; OpenAI features this server lacks (tools, functions, "
-        "response_format other than text, suffix, best_of) are refused with 400. Every error is OpenAI's "
-        "envelope {\"error\": {\"message\", \"type\", \"param\", \"code\"}}.")}}
+    """OpenAPI document options: a description of the server's rules (Markdown, as Swagger UI renders
+    it), and bearer auth when a key is set."""
+    description = (
+        "OpenAI's chat completions and completions API, with mistral.rs's extras, served by refimpl: a "
+        "readable float32 reference engine, one model per process (GET /v1/models names it).\n\n"
+        "- Extras beyond OpenAI's fields: `top_k`, `min_p`, `repetition_penalty`, token ids in `stop`, "
+        "`messages` as a plain string, and speeds in `usage` (`avg_tok_per_sec`, `avg_prompt_tok_per_sec`, "
+        "`avg_compl_tok_per_sec`).\n"
+        "- `stream: true` answers with server-sent events: one chunk per `data:` event, `data: [DONE]` last, "
+        "and `: keep-alive` comments while no token comes.\n"
+        "- Unknown request fields are ignored; OpenAI features this server lacks (tools, functions, "
+        "response_format other than text, suffix, best_of) are refused with 400 rather than silently dropped.\n"
+        "- Every error is OpenAI's envelope `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`, "
+        "with its status: 400 invalid request or prompt too long for the context, 401 missing or wrong API "
+        "key, 404, 413 body too large, 415 not JSON, 429 queue full (with Retry-After), 503 model loading or "
+        "server shutting down.\n"
+        "- Besides the API: `GET /metrics` (Prometheus), and the web chat at `/`, which talks over the "
+        "WebSocket `/v1/ws` (its protocol is under chat below; Try it out cannot open a WebSocket).")
+    options = {"info": {"description": description}}
     if config.api_key is not None:
+        options["info"]["description"] += (
+            "\n\nThis server needs the header `Authorization: Bearer KEY` on every route but /health, /docs, "
+            "/openapi.json, /favicon.ico and the web chat's page; /v1/ws may take the key in its first message.")
         options["components"] = {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}
         options["security"] = [{"bearer": []}]
     return options
@@ -121,6 +143,19 @@ def check_api_key(api_key):
     if scheme.lower() != "bearer" or not api_key_matches(token, api_key):
         raise ApiError(401, "missing or incorrect API key: send the header \"Authorization: Bearer <key>\"",
                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def check_websocket_origin(allowed):
+    """403 for a browser page that is neither this server's nor allowed by --cors-origin.
+
+    Browsers let any page open a WebSocket to any host, and send the page's Origin with it:
+    without this check, every site a user visits could drive their local model (cross-site
+    WebSocket hijacking). Clients that are not browsers send no Origin and are not affected."""
+    origin = request.headers.get("Origin")
+    if origin is None or "*" in allowed or origin in allowed or urlsplit(origin).netloc == request.host:
+        return
+    raise ApiError(403, f"WebSocket connections from pages at {origin} are not allowed; start the server with "
+                        f"--cors-origin {origin} to allow them", code="origin_not_allowed")
 
 
 def add_cors_headers(response, origins):

@@ -1,16 +1,17 @@
-"""What the routes share: the request log line, the model check, sampling parameters, response ids, usage."""
+"""What the routes share: the request log line, the caller, sampling parameters, response ids, usage."""
 
 import hmac
 import logging
 import secrets
 import time
 
-from flask import current_app, g
+from flask import current_app, g, request
 
 from refimpl import __version__
 from refimpl.sampling import SamplingParams
 
-from webapp.errors import ApiError
+from webapp import serving
+from webapp.serving import Caller, Client
 
 SYSTEM_FINGERPRINT = f"refimpl-{__version__}"
 log = logging.getLogger("refimpl.server")
@@ -38,13 +39,15 @@ def api_key_matches(given, api_key):
     return hmac.compare_digest(given.strip().encode(), api_key.encode())
 
 
-def current_engine(requested_model):
-    """The loaded engine, if the request names it: "", "default" or its id (else 404 model_not_found)."""
-    engine = current_app.extensions["refimpl"].state.get()
-    if requested_model not in (None, "", "default", engine.model_id):
-        raise ApiError(404, f"the model {requested_model!r} does not exist; this server serves "
-                            f"{engine.model_id!r} (or use \"\" or \"default\")", "model", "model_not_found")
-    return engine
+def current_model(requested_model):
+    """The loaded model's state if the request names it (see serving.current_model)."""
+    return serving.current_model(current_app.extensions["refimpl"].state, requested_model)
+
+
+def caller():
+    """The Caller of the HTTP request being served: the app's model and metrics, its log, its connection."""
+    app = current_app.extensions["refimpl"]
+    return Caller(app.state, app.metrics, g.log, Client.of(request.environ))
 
 
 def sampling_params(body, default_max_tokens, logprobs, top_logprobs):
@@ -70,14 +73,14 @@ def include_usage(body):
     return bool(body["stream_options"] and body["stream_options"]["include_usage"])
 
 
-def response_meta(prefix, object_name, engine):
+def response_meta(prefix, object_name, caller):
     """The fields every response and chunk starts with; the id carries the request id for the logs."""
-    return {"id": f"{prefix}-{g.log.request_id}", "object": object_name,
-            "created": int(time.time()), "model": engine.model_id, "system_fingerprint": SYSTEM_FINGERPRINT}
+    return {"id": f"{prefix}-{caller.log.request_id}", "object": object_name,
+            "created": int(time.time()), "model": caller.state.model_id, "system_fingerprint": SYSTEM_FINGERPRINT}
 
 
 def usage(usages):
-    """The seed's usage superset, summed over generations and measured by them (seconds, not guesses)."""
+    """OpenAI's usage with mistral.rs's throughput fields, summed over generations and measured by them (seconds, not guesses)."""
     prompt = sum(u.prompt_tokens for u in usages)
     completion = sum(u.completion_tokens for u in usages)
     prompt_s = sum(u.prompt_seconds for u in usages)
@@ -90,15 +93,3 @@ def usage(usages):
             "avg_tok_per_sec": rate(prompt + completion, prompt_s + completion_s),
             "avg_prompt_tok_per_sec": rate(prompt, prompt_s),
             "avg_compl_tok_per_sec": rate(completion, completion_s)}
-
-
-def cancelling_at_exit(engine, requests, chunks):
-    """Yield from chunks; however that ends (done, the client gone, an error), cancel the requests.
-
-    Cancelling a finished request does nothing; one that never started streaming (the client
-    left during another prompt's turn) is freed instead of running to its end for nobody.
-    """
-    try:
-        yield from chunks
-    finally:
-        engine.cancel(requests)

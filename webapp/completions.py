@@ -10,34 +10,34 @@ has no prefix, so its log-probability is null).
 import codecs
 from dataclasses import dataclass
 
-from flask import g
+from refimpl.explain import token_text
 
-from webapp.common import (cancelling_at_exit, current_engine, include_usage, response_meta, sampling_params,
-                            usage)
+from webapp.common import caller, include_usage, response_meta, sampling_params, usage
 from webapp.errors import ApiError
 from webapp.parsing import Blueprint
 from webapp.schemas import CompletionRequest, CompletionResponse
 from webapp.streaming import SSE_EVENT, stream_response
 
 blp = Blueprint("completions", __name__, url_prefix="/v1",
-                description="Text completions (OpenAI's legacy endpoint; streams, unlike the seed's).")
+                description="Text completions: OpenAI's legacy endpoint (one or many prompts, as text or token ids; "
+                            "echo; logprobs; streaming) with the same extras as chat.")
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
 
 @dataclass
-class Run:
-    """One prompt of the request and its generation (submitted to the engine)."""
+class Prompt:
+    """One prompt of the request: its tokens, its text, and the index of its first choice."""
     first_index: int
     ids: list
     text: str
-    generation: object
 
 
 @dataclass
 class CompletionJob:
-    engine: object
-    runs: list
+    job: object  # serving.Job: one generation per prompt, in order
+    prompts: list
+    tokenizer: object
     meta: dict
     n: int
     echo: bool
@@ -52,60 +52,53 @@ class CompletionJob:
 @blp.doc(responses={200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}})
 def create_completion(body):
     """Create a completion for one or several prompts (set stream for server-sent events)."""
-    job = prepare(body)
+    completion = prepare(body, caller())
     if body["stream"]:
-        return stream_response(chunks(job), CompletionResponse())
-    return complete_all(job)
+        return stream_response(chunks(completion), CompletionResponse(), completion.log)
+    return complete(completion)
 
 
-def prepare(body):
-    """Tokenize every prompt and check every generation before any model work."""
-    engine = current_engine(body["model"])
+def prepare(body, who):
+    """Tokenize every prompt, then submit them all at once (all are queued, or none)."""
+    engine = who.model(body["model"]).engine
     params = sampling_params(body, DEFAULT_MAX_TOKENS, body["logprobs"] is not None, body["logprobs"] or 0)
-    runs = []
-    try:
-        submit_all(engine, body["prompt"], params, runs)
-    except Exception:
-        engine.cancel(run.generation for run in runs)  # the earlier prompts were already queued
-        raise
-    return CompletionJob(engine, runs, response_meta("cmpl", "text_completion", engine), params.n,
-                         bool(body["echo"]), body["logprobs"], include_usage(body), g.log)
+    prompts = [tokenized(prompt, engine, p * params.n) for p, prompt in enumerate(body["prompt"])]
+    # echo with logprobs scores the prompt: in the engine, chunk by chunk, as part of its prefill.
+    score_top = body["logprobs"] if body["echo"] else None
+    job = who.submit([p.ids for p in prompts], params, score_top)
+    return CompletionJob(job, prompts, engine.tokenizer, response_meta("cmpl", "text_completion", who), params.n,
+                         bool(body["echo"]), body["logprobs"], include_usage(body), who.log)
 
 
-def submit_all(engine, prompts, params, runs):
-    """Tokenize and submit every prompt, appending a Run for each to runs."""
-    for p, prompt in enumerate(prompts):
-        if isinstance(prompt, str):
-            ids, text = engine.text_prompt(prompt), prompt
-        else:
-            bad = [t for t in prompt if t >= engine.vocab_size]
-            if bad:
-                raise ApiError(400, f"prompt: token id {bad[0]} is not in this model's vocabulary "
-                                    f"(0..{engine.vocab_size - 1})", "prompt", "invalid_value")
-            ids, text = prompt, engine.decode(prompt)
-        if not ids:
-            raise ApiError(400, "prompt: the prompt is empty; at least one token is needed", "prompt", "invalid_value")
-        runs.append(Run(p * params.n, ids, text, engine.start(ids, params)))
+def tokenized(prompt, engine, first_index):
+    if isinstance(prompt, str):
+        ids, text = engine.tokenizer.encode(prompt), prompt
+    else:
+        vocab_size = engine.model.config.vocab_size
+        if bad := [t for t in prompt if t >= vocab_size]:
+            raise ApiError(400, f"prompt: token id {bad[0]} is not in this model's vocabulary (0..{vocab_size - 1})",
+                           "prompt", "invalid_value")
+        ids, text = prompt, engine.tokenizer.decode(prompt)
+    if not ids:
+        raise ApiError(400, "prompt: the prompt is empty; at least one token is needed", "prompt", "invalid_value")
+    return Prompt(first_index, ids, text)
 
 
-class LegacyLogprobs:
-    """OpenAI's legacy logprobs of one choice, with each token's character offset in the text."""
+class LogprobLists:
+    """OpenAI's legacy logprobs of one choice: parallel lists of tokens, their log-probabilities,
+    the top alternatives as {token: logprob}, and where each token starts in the choice's text."""
 
-    def __init__(self, offset=0):
+    def __init__(self):
         self.tokens, self.token_logprobs, self.top_logprobs, self.text_offset = [], [], [], []
-        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.offset = offset  # where the next token's text starts in the choice's text
 
-    def add(self, token, raw, logprob, top):
+    def add(self, token, logprob, top, offset):
         self.tokens.append(token)
         self.token_logprobs.append(logprob)
         self.top_logprobs.append(None if top is None else {t.token: t.logprob for t in top})
-        self.text_offset.append(self.offset)
-        self.offset += len(self.utf8.decode(bytes(raw)))
+        self.text_offset.append(offset)
 
-    def continued(self, offset):
-        """A copy holding the same entries, whose next token starts at `offset` (after the echoed prompt)."""
-        twin = LegacyLogprobs(offset)
+    def copy(self):
+        twin = LogprobLists()
         twin.tokens, twin.token_logprobs = list(self.tokens), list(self.token_logprobs)
         twin.top_logprobs, twin.text_offset = list(self.top_logprobs), list(self.text_offset)
         return twin
@@ -119,75 +112,92 @@ class LegacyLogprobs:
 
 
 @dataclass
-class Choice:
+class TextChoice:
+    """One choice as it grows: its text (after the echoed prompt, if any) and its logprob lists."""
     text: str
-    logprobs: LegacyLogprobs | None
+    logprobs: LogprobLists | None
+    start: int  # where generated text begins in `text`, in characters
     finish_reason: str | None = None
 
     def add(self, event):
+        # The end-of-sequence token adds no text but is listed, as vLLM lists it: a scorer that
+        # slices token_logprobs by position must see every generated token.
         if self.logprobs is not None and event.logprobs:
             lp = event.logprobs
-            self.logprobs.add(lp.token, lp.bytes, lp.logprob, lp.top)
+            self.logprobs.add(lp.token, lp.logprob, lp.top, self.start + event.offset)
         self.text += event.text
         self.finish_reason = event.finish_reason or self.finish_reason
 
 
-def start_choices(job, run):
-    """The n choices of one prompt, holding the echoed prompt (and its scored tokens) when asked."""
-    if job.logprobs is None:
-        return [Choice(run.text if job.echo else "", None) for _ in range(job.n)]
-    if not job.echo:
-        return [Choice("", LegacyLogprobs()) for _ in range(job.n)]
-    prompt = LegacyLogprobs()
-    for token_id, entry in zip(run.ids, job.engine.score(run.ids, job.logprobs)):
-        token, raw = job.engine.piece(token_id)
-        prompt.add(token, raw, None if entry is None else entry.logprob, None if entry is None else entry.top)
-    return [Choice(run.text, prompt.continued(len(run.text))) for _ in range(job.n)]
+def start_choices(completion, number, request):
+    """The n choices of prompt `number`, holding the echoed prompt (and its scores) when asked; called
+    once its generation has sent its first event, by when the engine has scored the prompt."""
+    prompt = completion.prompts[number]
+    text = prompt.text if completion.echo else ""
+    if completion.logprobs is None:
+        return [TextChoice(text, None, len(text)) for _ in range(completion.n)]
+    lists = LogprobLists()
+    if completion.echo:
+        for token_id, entry, offset in zip(prompt.ids, request.prompt_logprobs,
+                                           prompt_offsets(completion.tokenizer, prompt.ids)):
+            lists.add(token_text(completion.tokenizer, token_id)[0], None if entry is None else entry.logprob,
+                      None if entry is None else entry.top, offset)
+    return [TextChoice(text, lists.copy(), len(text)) for _ in range(completion.n)]
 
 
-def complete_all(job):
-    """The whole response; if one prompt fails, the others' requests are cancelled, not left running."""
-    try:
-        return complete(job)
-    finally:
-        job.engine.cancel(run.generation for run in job.runs)
+def prompt_offsets(tokenizer, ids):
+    """Where each prompt token starts in the prompt's text, in characters, counted as generation
+    counts Event.offset: a token's first byte belongs to the character at the end of the text so far."""
+    utf8, offsets, length = codecs.getincrementaldecoder("utf-8")(errors="replace"), [], 0
+    for token_id in ids:
+        offsets.append(length)
+        length += len(utf8.decode(tokenizer.token_bytes(token_id)))
+    return offsets
 
 
-def complete(job):
-    out = []
-    for run in job.runs:
-        choices = start_choices(job, run)
-        for event in job.engine.events(run.generation):
-            choices[event.index].add(event)
-        out += [{"index": run.first_index + i, "text": c.text, "finish_reason": c.finish_reason,
-                 "logprobs": None if c.logprobs is None else c.logprobs.take()} for i, c in enumerate(choices)]
-    job.log.usage = usage([run.generation.usage for run in job.runs])
-    return {**job.meta, "choices": out, "usage": job.log.usage}
+def complete(completion):
+    choices = {}  # prompt number -> its TextChoices
+    for item in completion.job.events():
+        if item is not None:
+            number, event = item
+            if number not in choices:
+                choices[number] = start_choices(completion, number, completion.job.requests[number])
+            choices[number][event.index].add(event)
+    out = [{"index": completion.prompts[number].first_index + i, "text": c.text, "finish_reason": c.finish_reason,
+            "logprobs": None if c.logprobs is None else c.logprobs.take()}
+           for number in sorted(choices) for i, c in enumerate(choices[number])]
+    completion.log.usage = usage(completion.job.usages())
+    return {**completion.meta, "choices": out, "usage": completion.log.usage}
 
 
-def chunks(job):
-    """text_completion chunks: per choice the echoed prompt first (if asked), then the text as it comes."""
-    # SSE and the WebSocket both stream through here, so both cancel what a vanished client left.
-    return cancelling_at_exit(job.engine, [run.generation for run in job.runs], chunk_objects(job))
-
-
-def chunk_objects(job):
-    extra = {"usage": None} if job.include_usage else {}
+def chunks(completion):
+    """text_completion chunks: per choice the echoed prompt first (if asked), then the text as it comes;
+    None while nothing is ready (see serving.Job.events)."""
+    extra = {"usage": None} if completion.include_usage else {}
 
     def chunk(index, text, logprobs, finish_reason=None):
-        return {**job.meta, "choices": [{"index": index, "text": text, "finish_reason": finish_reason,
-                                         "logprobs": None if logprobs is None else logprobs.take()}], **extra}
+        return {**completion.meta, "choices": [{"index": index, "text": text, "finish_reason": finish_reason,
+                                                "logprobs": None if logprobs is None else logprobs.take()}],
+                **extra}
 
-    for run in job.runs:
-        choices = start_choices(job, run)
-        if job.echo:
-            for i, choice in enumerate(choices):
-                yield chunk(run.first_index + i, choice.text, choice.logprobs)
-        for event in job.engine.events(run.generation):
-            choice = choices[event.index]
-            choice.add(event)
-            if event.text or event.logprobs or event.finish_reason:
-                yield chunk(run.first_index + event.index, event.text, choice.logprobs, event.finish_reason)
-    job.log.usage = usage([run.generation.usage for run in job.runs])
-    if job.include_usage:
-        yield {**job.meta, "choices": [], "usage": job.log.usage}
+    choices = {}
+    for item in completion.job.events():
+        if item is None:
+            yield None
+            continue
+        number, event = item
+        first = completion.prompts[number].first_index
+        if number not in choices:
+            choices[number] = start_choices(completion, number, completion.job.requests[number])
+            if completion.echo:
+                for i, choice in enumerate(choices[number]):
+                    yield chunk(first + i, choice.text, choice.logprobs)
+        choice = choices[number][event.index]
+        choice.add(event)
+        if event.text or event.logprobs or event.finish_reason:
+            yield chunk(first + event.index, event.text, choice.logprobs, event.finish_reason)
+        else:
+            yield None
+    completion.log.usage = usage(completion.job.usages())
+    if completion.include_usage:
+        yield {**completion.meta, "choices": [], "usage": completion.log.usage}

@@ -11,12 +11,16 @@ import json
 import logging
 
 from flask import g, request
+from gunicorn.http.errors import NoMoreData, ParseException
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from refimpl.engine import EngineFull, EngineStopped, NeverFits
 from refimpl.generate import ContextLengthExceeded
 from refimpl.sampling import InvalidParameter
 from refimpl.tokenizer import ChatTemplateError
+
+from webapp.serving import ClientDisconnected, ModelNotFound, ModelNotReady
 
 log = logging.getLogger("refimpl.server")
 
@@ -50,6 +54,23 @@ def from_exception(err, prompt_param=None, request_id="-"):
         return ApiError(400, str(err), prompt_param, "context_length_exceeded")
     if isinstance(err, ChatTemplateError):
         return ApiError(400, str(err), "messages", "invalid_value")
+    if isinstance(err, NeverFits):
+        return ApiError(400, str(err), err.param, "invalid_value")
+    if isinstance(err, EngineFull):
+        return ApiError(429, f"the server is busy: {err}; retry shortly", code="rate_limit_exceeded",
+                        type="rate_limit_error", headers={"Retry-After": "1"})
+    if isinstance(err, EngineStopped):
+        return ApiError(503, str(err), code="server_shutting_down", headers={"Retry-After": "5"})
+    if isinstance(err, ModelNotReady):
+        return ApiError(503, str(err), code=err.code)
+    if isinstance(err, ModelNotFound):
+        return ApiError(404, str(err), "model", "model_not_found")
+    if isinstance(err, (ParseException, NoMoreData)):  # gunicorn reading the body: e.g. a malformed chunk
+        return ApiError(400, f"malformed request body: {err}", code="invalid_body")
+    if isinstance(err, TimeoutError):  # the socket's read timeout (server.py), while reading the body
+        return ApiError(408, "the request body did not arrive in time", code="request_timeout")
+    if isinstance(err, ClientDisconnected):  # nobody reads this answer; 499 is what the log says
+        return ApiError(499, str(err), code="client_disconnected")
     if isinstance(err, HTTPException):
         return from_http_exception(err)
     log.error("request %s: unexpected error", request_id, exc_info=err)

@@ -30,13 +30,12 @@ class EngineCollector:
         engine = self.state.engine
         if engine is None:  # still loading
             return
-        batcher = engine.batcher
         yield GaugeMetricFamily("refimpl_running_sequences", "Sequences in the engine's batch",
-                                value=batcher.running_sequences)
+                                value=engine.running_sequences)
         yield GaugeMetricFamily("refimpl_waiting_requests", "Requests waiting for a place in the batch",
-                                value=len(batcher.waiting))
+                                value=engine.waiting_requests)
         yield CounterMetricFamily("refimpl_generated_tokens", "Tokens sampled by the engine",
-                                  value=batcher.stats["tokens_generated"])
+                                  value=engine.stats["tokens_generated"])
 
 
 class Metrics:

@@ -11,9 +11,13 @@ misunderstood rather than guess:
   than text, suffix, best_of > 1) are refused with 400, so that a request is never silently
   answered as something other than what it asked for.
 
-Limits this server chooses where OpenAI and the seed are silent: n <= 16 (each choice keeps its
-own KV cache on a CPU), at most 64 prompts per completions request, at most 16 stop sequences,
-at most 1024 logit_bias entries, top_logprobs and completions' logprobs up to 20.
+Limits this server chooses where neither OpenAI nor mistral.rs sets one: n <= 16 (each choice
+keeps its own KV cache on a CPU), at most 64 prompts per completions request, at most 16 stop
+sequences, at most 1024 logit_bias entries, top_logprobs and completions' logprobs up to 20.
+
+Each request schema's EXAMPLE is the body Swagger UI's "Try it out" starts from (meta.py puts it
+in the OpenAPI document): small and real, where a body built from the fields' defaults would be
+nulls that generate to the end of the context window.
 """
 
 import copy
@@ -233,6 +237,9 @@ class SamplingFields(RequestSchema):
 
 
 class ChatCompletionRequest(SamplingFields):
+    EXAMPLE = {"model": "default", "messages": [{"role": "user", "content": "Write a haiku about the sea."}],
+               "max_tokens": 64, "temperature": 0.7}
+
     messages = Either(array=fields.List(fields.Nested(ChatMessage), validate=validate.Length(min=1)),
                       string=String(), required=True,
                       metadata={"description": "The conversation; a plain string is one user message."})
@@ -258,6 +265,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
+    EXAMPLE = {"model": "default", "prompt": "The capital of France is", "max_tokens": 16}
+
     prompt = Either(
         string=String(),
         array=fields.List(Either(string=String(), integer=token_id(),

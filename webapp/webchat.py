@@ -29,9 +29,16 @@ reply). The README describes every field.
 A chat goes through the HTTP API's own path: the same request schema and limits, the same
 engine, the same API key. One reply runs at a time per socket; while it streams, the socket is
 read between tokens, so that a cancel takes effect at the next engine step.
+
+Limits (ServerConfig): a message larger than the HTTP body limit closes the socket with 1009
+before it is parsed; the server pings every ws_ping_s seconds and closes a socket whose last ping
+got no pong; a socket that sends nothing and waits for no reply for ws_idle_s seconds is closed
+(1000), and so is an idle one when the server drains for shutdown (1001). The handshake refuses
+pages of other origins (app.py, check_websocket_origin).
 """
 
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,16 +46,19 @@ from flask import Blueprint, current_app, g, send_from_directory
 from flask_sock import Sock
 from marshmallow import RAISE, Schema, fields, validate
 from simple_websocket import ConnectionClosed
+from wsproto.frame_protocol import CloseReason
 
 from webapp import chat
 from webapp.common import RequestLog, api_key_matches, usage
 from webapp.errors import ApiError, from_exception
+from webapp.serving import Caller, ClientDisconnected
 from webapp.parsing import parse_json_text
 from webapp.schemas import ChatCompletionRequest, Integer
 
 PROTOCOL = 1
 PAGE = Path(__file__).parent / "static" / "chat"
 POLL_SECONDS = 0.05  # how often a streaming reply looks for a cancel message while no token comes
+IDLE_TICK_SECONDS = 0.5  # how often an idle socket looks at the clock and at draining
 
 bp = Blueprint("webchat", __name__)
 sock = Sock()
@@ -83,7 +93,7 @@ class Message(Strict):
     type = fields.String(required=True)
 
 
-class ChatMessage(Message):
+class ChatStartMessage(Message):
     id = fields.String(required=True, validate=validate.Length(1, 64))
     messages = fields.Raw(required=True)
     settings = fields.Nested(Settings, load_default=dict)
@@ -98,7 +108,7 @@ class CancelMessage(Message):
     id = fields.String(required=True)
 
 
-MESSAGES = {"auth": AuthMessage(), "chat": ChatMessage(), "cancel": CancelMessage()}
+MESSAGES = {"auth": AuthMessage(), "chat": ChatStartMessage(), "cancel": CancelMessage()}
 
 
 @sock.route("/v1/ws", bp=bp)
@@ -109,25 +119,36 @@ def websocket(ws):
 class ChatSocket:
     def __init__(self, ws, authorised):
         self.ws, self.authorised = ws, authorised
-        self.api_key = current_app.extensions["refimpl"].config.api_key
+        self.app = current_app.extensions["refimpl"]  # state, config, metrics, draining
         self.reply = None  # (id, engine request) of the reply streaming now
 
     def send(self, **message):
         self.ws.send(json.dumps(message))
 
     def run(self):
-        state = current_app.extensions["refimpl"].state
-        self.send(type="hello", protocol=PROTOCOL, model=state.engine.model_id if state.engine else None,
+        state = self.app.state
+        self.send(type="hello", protocol=PROTOCOL, model=state.model_id if state.engine else None,
                   auth_required=not self.authorised)
+        last_active = time.monotonic()
         while True:
-            self.handle(self.ws.receive())
+            raw = self.ws.receive(timeout=IDLE_TICK_SECONDS)
+            if raw is not None:
+                self.handle(raw)
+                last_active = time.monotonic()
+            elif self.app.draining:
+                self.ws.close(CloseReason.GOING_AWAY, "the server is shutting down")
+                return
+            elif time.monotonic() - last_active > self.app.config.ws_idle_s:
+                self.ws.close(CloseReason.NORMAL_CLOSURE, f"idle for {self.app.config.ws_idle_s:g} s")
+                return
 
     def handle(self, raw):
         """Act on one client message; every mistake in it is answered with an error event."""
         message_id = None
         try:
             message = parse_json_text(raw if isinstance(raw, str) else raw.decode("utf-8"))
-            if not isinstance(message, dict) or message.get("type") not in MESSAGES:
+            if not isinstance(message, dict) or not isinstance(message.get("type"), str) \
+                    or message["type"] not in MESSAGES:
                 raise ApiError(400, f"a message is a JSON object whose \"type\" is one of {sorted(MESSAGES)}",
                                "type", "invalid_value")
             message_id = message.get("id") if isinstance(message.get("id"), str) else None
@@ -152,48 +173,54 @@ class ChatSocket:
         except Exception as err:  # noqa: BLE001 - every error is answered with the envelope
             self.send_error(message_id, err)
 
-    def send_error(self, message_id, err):
+    def send_error(self, message_id, err, log=None):
         """Answer with an error event (OpenAI's envelope inside); returns the ApiError sent."""
-        error = from_exception(err, "messages", g.log.request_id)
+        error = from_exception(err, "messages", (log or g.log).request_id)
         self.send(type="error", id=message_id, status=error.status, **error.envelope())
         return error
 
     def authenticate(self, key):
-        if self.api_key is not None and not api_key_matches(key, self.api_key):
+        api_key = self.app.config.api_key
+        if api_key is not None and not api_key_matches(key, api_key):
             raise ApiError(401, "incorrect API key", code="invalid_api_key")
         self.authorised = True
 
     def stream(self, message):
         """Run one chat reply, sending a token event per generated token, then done (or an error)."""
-        g.log = log = RequestLog("WS", "/v1/ws chat")  # one log line per reply, as per HTTP request
+        log = RequestLog("WS", "/v1/ws chat")  # one log line per reply, as per HTTP request
         reply_id = message["id"]
         try:
             body = ChatCompletionRequest().load({"messages": message["messages"], **message["settings"]})
-            job = chat.prepare(body, explain=message["alternatives"])
+            reply = chat.prepare(body, Caller(self.app.state, self.app.metrics, log, self), message["alternatives"])
         except Exception as err:  # noqa: BLE001 - refused before any work: an error event
-            log.finish(self.send_error(reply_id, err).status)
+            log.finish(self.send_error(reply_id, err, log).status)
             return
-        self.reply, content, finish, index = (reply_id, job.generation), [], None, 0
+        self.reply, content, finish, index = (reply_id, reply.job), [], None, 0
         try:
-            for event in job.engine.events(job.generation, poll=POLL_SECONDS):
-                if event is not None:
+            for item in reply.job.events(poll=POLL_SECONDS):
+                if item is not None:
+                    _, event = item
                     content.append(event.text)
                     finish = event.finish_reason or finish
                     self.send(**token_event(reply_id, index, event))
                     index += 1
                 self.read_pending_messages()  # a cancel takes effect at the next engine step
-        except ConnectionClosed:
+        except (ConnectionClosed, ClientDisconnected, OSError):
             log.finish(499, note="client went away")
-            raise
+            raise ConnectionClosed(CloseReason.ABNORMAL_CLOSURE, "client went away") from None
         except Exception as err:  # noqa: BLE001 - the reply ends with an error event
-            log.finish(self.send_error(reply_id, err).status)
+            log.finish(self.send_error(reply_id, err, log).status)
             return
         finally:
             self.reply = None
-        log.usage = usage([job.generation.usage])
+        log.usage = usage(reply.job.usages())
         self.send(type="done", id=reply_id, finish_reason=finish or "canceled", content="".join(content),
                   usage=log.usage)
         log.finish(200, note="" if finish else "finish_reason canceled")
+
+    def gone(self):
+        """For serving.Job: the client closed the socket (simple-websocket's reader saw it)."""
+        return not self.ws.connected
 
     def read_pending_messages(self):
         while (raw := self.ws.receive(timeout=0)) is not None:
