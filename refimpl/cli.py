@@ -59,6 +59,8 @@ def main(argv=None):
                    help="seconds a client may stay silent while sending a body or reading a reply (default 30)")
     p.add_argument("--ws-idle-timeout", type=float, default=600,
                    help="seconds an idle WebSocket is kept open (default 600)")
+    p.add_argument("--ws-ping-interval", type=float, default=20,
+                   help="seconds between pings on a WebSocket, which is closed if a ping goes unanswered (default 20)")
     p.add_argument("--dev", action="store_true", help="Flask's development server instead of gunicorn")
     p.set_defaults(run=cmd_serve)
 
@@ -175,7 +177,7 @@ def cmd_serve(args):
     return serve(path, model_id, host=args.host, port=args.port, device=args.device, dev=args.dev,
                  max_seqs=args.max_seqs, max_queue=args.max_queue, max_connections=args.max_connections,
                  api_key=args.api_key, cors_origins=tuple(args.cors_origin), max_body_bytes=args.max_body_bytes,
-                 read_timeout_s=args.read_timeout, ws_idle_s=args.ws_idle_timeout)
+                 read_timeout_s=args.read_timeout, ws_idle_s=args.ws_idle_timeout, ws_ping_s=args.ws_ping_interval)
 
 
 def cmd_chat(args):

@@ -46,7 +46,12 @@ class TokenInsight:
 
 
 def token_text(tokenizer, token_id):
-    """(text, bytes) of one token: its exact bytes, decoded with U+FFFD for a partial character."""
+    """(text, bytes) of one token as log-probabilities report it: its exact bytes, decoded with U+FFFD
+    for a partial character; a special token, which adds no bytes to the text, by its marker (e.g.
+    "<|im_end|>") and the marker's bytes, as OpenAI and vLLM report it."""
+    if token_id in tokenizer.special_ids:
+        marker = tokenizer.decode([token_id])
+        return marker, list(marker.encode())
     raw = tokenizer.token_bytes(token_id)
     return raw.decode("utf-8", errors="replace"), list(raw)
 

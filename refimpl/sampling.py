@@ -30,6 +30,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 FLOAT64_MAX = np.finfo(np.float64).max
+# Limits of one request's parameters, checked here only (the server's schemas quote them). A server
+# bounds n further by how many sequences it decodes at once (refimpl.engine's max_seqs).
+MAX_N = 128
+MAX_STOP = 16
+MAX_TOP_LOGPROBS = 20
 # The stop strings of one request may total this many characters. Matching costs O(1) per generated
 # character whatever their length, but each choice builds a trie node per character of them; real
 # stop strings are a few characters ("\n\n", "</s>", "User:"), so 16 of 256 characters is generous.
@@ -101,9 +106,9 @@ class SamplingParams:
         check(self.seed is None or (integer(self.seed) and self.seed >= 0), "seed", "must be a non-negative integer")
         check(self.max_tokens is None or (integer(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
               "must be at least 1")
-        check(integer(self.n) and 1 <= self.n <= 128, "n", "must be between 1 and 128")
+        check(integer(self.n) and 1 <= self.n <= MAX_N, "n", f"must be between 1 and {MAX_N}")
         check(isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s for s in self.stop)
-              and len(self.stop) <= 16, "stop", "must be up to 16 non-empty strings")
+              and len(self.stop) <= MAX_STOP, "stop", f"must be up to {MAX_STOP} non-empty strings")
         total = sum(map(len, self.stop))
         check(total <= MAX_STOP_CHARS, "stop",
               f"strings may total at most {MAX_STOP_CHARS} characters; these total {total}")
@@ -111,8 +116,8 @@ class SamplingParams:
               and all(integer(t) and 0 <= t < vocab_size for t in self.stop_token_ids), "stop",
               f"token ids must be token ids of this vocabulary (0..{vocab_size - 1})")
         check(isinstance(self.logprobs, bool), "logprobs", "must be true or false")
-        check(integer(self.top_logprobs) and 0 <= self.top_logprobs <= 20, "top_logprobs",
-              "must be between 0 and 20")
+        check(integer(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
+              f"must be between 0 and {MAX_TOP_LOGPROBS}")
         check(integer(self.explain) and 0 <= self.explain <= 50, "explain", "must be between 0 and 50")
         return self
 

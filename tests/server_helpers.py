@@ -10,6 +10,7 @@ run the real default model.
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -99,6 +100,13 @@ class LiveServer:
     def log(self):
         self.log_file.flush()
         return self.log_path.read_text()
+
+    def metric(self, name):
+        """The value of one sample of /metrics (e.g. refimpl_running_sequences)."""
+        text = requests.get(f"{self.base}/metrics", timeout=5).text
+        match = re.search(rf"^{name} (\S+)$", text, re.M)
+        assert match, f"{name} not in /metrics:\n{text}"
+        return float(match.group(1))
 
     def stop(self):
         if self.process.poll() is None:

@@ -12,7 +12,7 @@ from refimpl.model import forward, load_model
 from refimpl.sampling import log_softmax
 from refimpl.xp import to_numpy
 
-from conftest import GOLDEN, load_golden
+from conftest import GOLDEN, clearly_apart, load_golden
 
 TOLERANCE = 1e-4  # max |Δ logprob| at every position of every case
 TINY = sorted(p.name for p in (GOLDEN / "tiny").iterdir() if (p / "reference.json").exists())
@@ -41,8 +41,7 @@ def check_prompt(model, case):
     top_ids = np.asarray(case["top_ids"])
     assert_close(np.take_along_axis(lp, top_ids, axis=-1), case["top_logprobs"], f"{case['name']} top-20 logprobs")
     # The most likely token is the same wherever transformers' top two are not a near-tie.
-    top = np.asarray(case["top_logprobs"])
-    clear = top[:, 0] - top[:, 1] > 2 * TOLERANCE
+    clear = clearly_apart(case["top_logprobs"], 2 * TOLERANCE)
     np.testing.assert_array_equal(lp.argmax(-1)[clear], top_ids[clear, 0])
 
 

@@ -137,7 +137,7 @@ def test_openapi_document_is_generated_from_the_schemas(client):
     assert spec["openapi"] == "3.0.3"
     schemas = spec["components"]["schemas"]
     for name in ("ChatCompletionRequest", "ChatCompletionResponse", "ChatCompletionChunk", "CompletionRequest",
-                 "CompletionResponse", "Usage", "ModelList", "ErrorResponse"):
+                 "CompletionResponse", "CompletionUsage", "ModelList", "ErrorResponse"):
         assert name in schemas, name
     assert schemas["ChatCompletionRequest"]["properties"]["temperature"]["maximum"] == 2
     assert {"string", "array"} == {alt["type"] for alt in schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"]}

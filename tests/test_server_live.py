@@ -6,14 +6,13 @@ to a few tokens: the model decodes about 25 tokens a second on the development m
 """
 
 import re
-import threading
 import time
 
 import openai
 import pytest
 import requests
 
-from conftest import load_golden
+from conftest import GOLDEN, load_golden, steps_before_a_near_tie
 from refimpl.explain import token_text
 from refimpl.tokenizer import Tokenizer
 from server_helpers import LiveServer, data_events, sse_events
@@ -121,7 +120,7 @@ def test_completion_logprobs_with_echo(client):
     lp = choice.logprobs
     assert choice.text.startswith(prompt)
     n_prompt = completion.usage.prompt_tokens
-    assert len(lp.tokens) == n_prompt + completion.usage.completion_tokens - (choice.finish_reason == "stop")
+    assert len(lp.tokens) == n_prompt + completion.usage.completion_tokens  # an end-of-sequence token too
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert all(x <= 0 for x in lp.token_logprobs[1:])
     assert all(len(top) <= 2 for top in lp.top_logprobs[1:])
@@ -129,6 +128,40 @@ def test_completion_logprobs_with_echo(client):
     assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
     # The prompt's scores are the model's: the greedy first generated token is the prompt's top choice there.
     assert lp.tokens[n_prompt] == max(lp.top_logprobs[n_prompt], key=lp.top_logprobs[n_prompt].get)
+
+
+def test_echo_logprobs_list_a_generated_end_of_sequence_token(client):
+    """lm-evaluation-harness scores a continuation by slicing token_logprobs[ctxlen:-1]: the generated
+    token must be listed, EOS included (as vLLM lists it), or it scores the wrong tokens."""
+    prompt = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n2 + 2 = 4."  # greedy next: EOS
+    completion = client.completions.create(model="", prompt=prompt, max_tokens=1, temperature=0, logprobs=2,
+                                           echo=True)
+    choice, n_prompt = completion.choices[0], completion.usage.prompt_tokens
+    lp = choice.logprobs
+    assert choice.finish_reason == "stop" and choice.text == prompt  # the EOS is not text
+    assert len(lp.tokens) == len(lp.token_logprobs) == n_prompt + 1 == n_prompt + completion.usage.completion_tokens
+    assert lp.tokens[-1] == "<|im_end|>" and lp.text_offset[-1] == len(prompt)
+    assert lp.token_logprobs[-1] == max(lp.top_logprobs[-1].values())  # greedy: the most likely token
+    assert -1.5 < lp.token_logprobs[-1] < 0 and "<|im_end|>" in lp.top_logprobs[-1]
+
+
+def worker_peak_memory(server):
+    """Peak resident memory (bytes) of the server's worker process, the one holding the model."""
+    worker = open(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read().split()[0]
+    status = open(f"/proc/{worker}/status").read()
+    return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) * 1024
+
+
+def test_echo_scoring_of_a_long_prompt_is_bounded_in_memory(client, server, tokenizer):
+    """Scoring runs in the engine's prefill chunks: a 3,500-token echo holds [256, V] logits at a
+    time, not [3500, V] (0.7 GB, and as much again for the log-probabilities)."""
+    prompt = (GOLDEN / "long_prompt.txt").read_text() * 3
+    assert len(tokenizer.encode(prompt)) > 3000
+    before = worker_peak_memory(server)
+    completion = client.completions.create(model="", prompt=prompt, max_tokens=1, temperature=0, logprobs=1,
+                                           echo=True)
+    assert len(completion.choices[0].logprobs.token_logprobs) > 3000
+    assert worker_peak_memory(server) - before < 600 << 20
 
 
 def test_n_and_seed(client):
@@ -159,11 +192,19 @@ def test_stop(client):
 
 def test_several_prompts_as_token_ids(client, tokenizer):
     prompts = [tokenizer.encode("The capital of France is"), tokenizer.encode("One, two, three,")]
-    both = client.completions.create(model="", prompt=prompts, max_tokens=3, temperature=0, n=2)
+    both = client.completions.create(model="", prompt=prompts, max_tokens=3, temperature=0, n=2, logprobs=2)
     assert [c.index for c in both.choices] == [0, 1, 2, 3]
     for p, prompt in enumerate(prompts):
-        alone = client.completions.create(model="", prompt=prompt, max_tokens=3, temperature=0).choices[0].text
-        assert both.choices[2 * p].text == both.choices[2 * p + 1].text == alone
+        alone = client.completions.create(model="", prompt=prompt, max_tokens=3, temperature=0,
+                                          logprobs=2).choices[0]
+        # Four sequences in one batch and one alone differ in the last float32 bits: the same greedy
+        # tokens, up to a near-tie.
+        agree = steps_before_a_near_tie([sorted(top.values(), reverse=True)[:2]
+                                         for top in alone.logprobs.top_logprobs])
+        for choice in both.choices[2 * p:2 * p + 2]:
+            assert choice.logprobs.tokens[:agree] == alone.logprobs.tokens[:agree]
+            if agree == len(alone.logprobs.tokens):
+                assert choice.text == alone.text
     assert both.usage.prompt_tokens == sum(map(len, prompts))
 
 
@@ -215,31 +256,29 @@ def test_sse_framing_and_keep_alive(server):
 
 
 def test_overlapping_streams_interleave(client):
-    """Two streams at once: both correct (as when alone), and both make progress before either ends."""
-    prompts = ["Name three colors.", "Count from one to ten."]
-    alone = [client.chat.completions.create(model="", messages=p, max_tokens=10, temperature=0).choices[0]
-             .message.content for p in prompts]
-    arrivals, texts = [], ["", ""]
-
-    def stream(k):
-        for chunk in client.chat.completions.create(model="", messages=prompts[k], max_tokens=10, temperature=0,
-                                                    stream=True):
-            if chunk.choices and chunk.choices[0].delta.content:
-                texts[k] += chunk.choices[0].delta.content
-                arrivals.append(k)
-
-    threads = [threading.Thread(target=stream, args=(k,)) for k in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert texts == alone
-    last_of_first = max(i for i, k in enumerate(arrivals) if k == arrivals[0])
-    assert any(k != arrivals[0] for k in arrivals[:last_of_first]), f"one stream ran after the other: {arrivals}"
+    """A stream started while another decodes runs beside it, not after it: it ends while the first
+    still streams, with the tokens it gets alone (up to a near-tie: batched float32 differs in the last bits)."""
+    request = dict(model="", messages="Count from one to ten.", max_tokens=10, temperature=0, logprobs=True,
+                   top_logprobs=2)
+    alone = client.chat.completions.create(**request).choices[0].logprobs.content
+    # No max_tokens and no end of sequence: the first stream would run for minutes, so the second
+    # ends within the client's timeout only if it is decoded alongside.
+    first = client.chat.completions.create(model="", messages="Write a long story about a dragon.", temperature=0,
+                                           logit_bias={"2": -100}, stream=True)
+    with first:  # closing it cancels the first generation
+        next(c for c in first if c.choices and c.choices[0].delta.content)  # the first is decoding
+        second = [entry for chunk in client.chat.completions.create(**request, stream=True)
+                  if chunk.choices and chunk.choices[0].logprobs for entry in chunk.choices[0].logprobs.content]
+    agree = steps_before_a_near_tie([[top.logprob for top in entry.top_logprobs] for entry in alone])
+    assert [entry.token for entry in second[:agree]] == [entry.token for entry in alone[:agree]]
+    if agree == len(alone):
+        assert [entry.token for entry in second] == [entry.token for entry in alone]
 
 
 def test_client_going_away_stops_the_generation(server):
-    body = {"messages": "Write a long story about a dragon.", "max_tokens": 400, "temperature": 0, "stream": True}
+    # No max_tokens and no end of sequence: the reply cannot end by itself before the client leaves.
+    body = {"messages": "Write a long story about a dragon.", "temperature": 0, "logit_bias": {"2": -100},
+            "stream": True}
     with requests.post(f"{server.base}/v1/chat/completions", json=body, stream=True, timeout=60) as response:
         lines = response.iter_lines()
         next(line for line in lines if b"content" in line and b"role" not in line)

@@ -67,7 +67,9 @@ def from_exception(err, prompt_param=None, request_id="-"):
         return ApiError(404, str(err), "model", "model_not_found")
     if isinstance(err, (ParseException, NoMoreData)):  # gunicorn reading the body: e.g. a malformed chunk
         return ApiError(400, f"malformed request body: {err}", code="invalid_body")
-    if isinstance(err, TimeoutError):  # the socket's read timeout (server.py), while reading the body
+    if isinstance(err, TimeoutError) or isinstance(err.__context__, TimeoutError):
+        # the socket's read timeout (server.py) while reading the body; werkzeug's reader turns it
+        # into its own ClientDisconnected, with the timeout as the context
         return ApiError(408, "the request body did not arrive in time", code="request_timeout")
     if isinstance(err, ClientDisconnected):  # nobody reads this answer; 499 is what the log says
         return ApiError(499, str(err), code="client_disconnected")

@@ -60,9 +60,10 @@ def health():
 WEBSOCKET_DOC = {"get": {
     "tags": ["chat"],
     "summary": "The web chat's WebSocket: a chat reply token by token, with what the sampler saw at each token.",
-    "description": """Open it with a WebSocket client (ws://HOST/v1/ws); Swagger UI's *Try it out* sends a plain GET,
-which is no handshake and is refused. Every message is a JSON text frame: an object whose `type` says what it is. A chat goes
-through the chat completions path: the same request checks and limits, the same engine, the same API key.
+    "description": """Open it with a WebSocket client (ws://HOST/v1/ws); Swagger UI's *Try it out* sends a
+plain GET, which is not a handshake and is refused. Every message is a JSON text frame: an object whose
+`type` says what it is. A chat goes through the chat completions path: the same request checks and
+limits, the same engine, the same API key.
 
 Client to server:
 

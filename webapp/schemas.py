@@ -24,11 +24,10 @@ import copy
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
-MAX_N = 16
+from refimpl.sampling import MAX_STOP, MAX_STOP_CHARS, MAX_TOP_LOGPROBS
+
 MAX_PROMPTS = 64
-MAX_STOP = 16
 MAX_LOGIT_BIAS = 1024
-MAX_TOP_LOGPROBS = 20
 ROLES = ("system", "user", "assistant", "developer")
 
 
@@ -197,8 +196,9 @@ class SamplingFields(RequestSchema):
     max_tokens = optional(Integer, "Most tokens to generate (default: chat, up to the context window; "
                                    "completions, 16).", validate=validate.Range(min=1))
     max_completion_tokens = optional(Integer, "OpenAI's newer name for max_tokens.", validate=validate.Range(min=1))
-    n = Integer(allow_none=True, load_default=None, validate=validate.Range(min=1, max=MAX_N),
-                metadata={"description": f"Choices per prompt, 1 to {MAX_N} (default 1)."})
+    n = Integer(allow_none=True, load_default=None, validate=validate.Range(min=1),
+                metadata={"description": "Choices per prompt (default 1); at most the sequences this server decodes "
+                                         "at once (refimpl serve --max-seqs, 16 by default)."})
     temperature = optional(Float, "0 to 2 (default 1); 0 is greedy.", validate=validate.Range(min=0, max=2))
     top_p = optional(Float, "Nucleus sampling mass, greater than 0 and at most 1 (default 1).",
                      validate=validate.Range(min=0, max=1, min_inclusive=False))
@@ -222,8 +222,9 @@ class SamplingFields(RequestSchema):
                   array=fields.List(Either(string=String(validate=validate.Length(min=1)), integer=token_id()),
                                     validate=validate.Length(max=MAX_STOP)),
                   allow_none=True, load_default=None,
-                  metadata={"description": f"Up to {MAX_STOP} stop strings and/or stop token ids. "
-                                           "The text stops before a stop string; a stop token is not part of it."})
+                  metadata={"description": f"Up to {MAX_STOP} stop strings (at most {MAX_STOP_CHARS} characters in "
+                                           "all) and/or stop token ids. The text stops before a stop string; a "
+                                           "stop token is not part of it."})
     stream = optional(Boolean, "Send server-sent events as the tokens are made.")
     stream_options = fields.Nested(StreamOptions, allow_none=True, load_default=None)
     user = optional(String, "Ignored.")
@@ -315,7 +316,7 @@ def nullable(field_class, *args, **kwargs):
     return field_class(*args, required=True, allow_none=True, **kwargs)
 
 
-class Usage(ResponseSchema):
+class CompletionUsage(ResponseSchema):
     prompt_tokens = req(fields.Integer)
     completion_tokens = req(fields.Integer, metadata={"description": "Includes the end-of-sequence token."})
     total_tokens = req(fields.Integer)
@@ -360,7 +361,7 @@ class CompletionMeta(ResponseSchema):
 
 class ChatCompletionResponse(CompletionMeta):
     choices = req(fields.List, fields.Nested(ChatChoice))
-    usage = req(fields.Nested, Usage)
+    usage = req(fields.Nested, CompletionUsage)
 
 
 class ChatDelta(ResponseSchema):
@@ -378,7 +379,7 @@ class ChatChunkChoice(ResponseSchema):
 class ChatCompletionChunk(CompletionMeta):
     """One server-sent event of a streamed chat completion (object chat.completion.chunk)."""
     choices = req(fields.List, fields.Nested(ChatChunkChoice))
-    usage = fields.Nested(Usage, allow_none=True, metadata={
+    usage = fields.Nested(CompletionUsage, allow_none=True, metadata={
         "description": "With stream_options.include_usage: null in every chunk but the last, whose choices are []."})
 
 
@@ -400,7 +401,7 @@ class CompletionChoice(ResponseSchema):
 class CompletionResponse(CompletionMeta):
     """A completion, and also each streamed chunk of one (OpenAI uses text_completion for both)."""
     choices = req(fields.List, fields.Nested(CompletionChoice))
-    usage = fields.Nested(Usage, allow_none=True)
+    usage = fields.Nested(CompletionUsage, allow_none=True)
 
 
 class Model(ResponseSchema):
