@@ -235,8 +235,9 @@ class Engine:
             except Exception as error:  # noqa: BLE001 - a bug here must not kill the engine thread
                 for request in list(self.running):
                     self.fail(request, error)
-            # Let other threads run between steps: under a cooperative server (gevent's greenlets),
-            # a step is never interrupted, so this is where connections are served.
+            # Let other threads run between steps. Under a cooperative server (gevent's greenlets)
+            # nothing interrupts the parts of a step that are not offloaded (sampling, events):
+            # this is where its connections get their turn.
             time.sleep(0)
 
     def admit(self):

@@ -86,10 +86,18 @@ Server to client:
   (id is null if the message had none); the socket stays open
 
 One reply streams at a time per socket: a second chat meanwhile gets a 409 error event. The README's
-web chat section describes every field of a token event.""",
+web chat section describes every field of a token event.
+
+Limits: a browser page from another origin than this server's (or one allowed by `--cors-origin`) is
+refused at the handshake with 403; a message larger than the request body limit (`--max-body-bytes`)
+closes the socket with code 1009 before it is read; the server pings every `--ws-ping-interval` seconds
+and closes a socket that stops answering; a socket with no message and no reply for `--ws-idle-timeout`
+seconds is closed with 1000, and every idle socket with 1001 when the server shuts down.""",
     "responses": {
         "101": {"description": "Switching Protocols: the socket is open, and the server sends hello."},
         "400": {"description": "Not a WebSocket handshake.",
+                "content": {"application/json": {"schema": ErrorResponse}}},
+        "403": {"description": "A browser page of another origin (cross-site WebSocket hijacking).",
                 "content": {"application/json": {"schema": ErrorResponse}}},
         "default": "DEFAULT_ERROR",
     },
