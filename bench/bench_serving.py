@@ -39,9 +39,9 @@ def start_server(port, max_seqs):
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
                 return server
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or busy loading
             pass
         if server.poll() is not None:
             raise SystemExit(f"server exited with {server.returncode}: {' '.join(cmd)}")

@@ -73,3 +73,19 @@ def endless_chat_model_dir(tmp_path_factory):
         config.pop("eos_token", None)
         (path / name).write_text(json.dumps(config, indent=2))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tiny_chat_model_dir):
+    """(model, tokenizer, stop ids) of tiny_chat_model_dir, loaded once."""
+    from refimpl.generate import load
+
+    return load(tiny_chat_model_dir)
+
+
+@pytest.fixture(scope="session")
+def endless_chat_model(endless_chat_model_dir):
+    """(model, tokenizer, stop ids) of endless_chat_model_dir: a request without max_tokens runs until canceled."""
+    from refimpl.generate import load
+
+    return load(endless_chat_model_dir)

@@ -7,32 +7,14 @@ import numpy as np
 import pytest
 
 from refimpl.engine import Engine, EngineFull, RequestFailed
-from refimpl.generate import Generation, default_stop_ids, generate
-from refimpl.model import load_model
+from refimpl.generate import Generation, generate
 from refimpl.sampling import SamplingParams
-from refimpl.tokenizer import Tokenizer
 
 from conftest import steps_before_a_near_tie
 
 
-def load(model_dir):
-    model, tokenizer = load_model(model_dir), Tokenizer.from_dir(model_dir)
-    return model, tokenizer, default_stop_ids(tokenizer, model.config, model_dir)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_chat_model_dir):
-    return load(tiny_chat_model_dir)
-
-
-@pytest.fixture(scope="module")
-def endless(endless_chat_model_dir):
-    """No end-of-sequence token and a very long context: a request without max_tokens runs until canceled."""
-    return load(endless_chat_model_dir)
-
-
-def make_engine(tiny, **bounds):
-    model, tokenizer, stop_ids = tiny
+def make_engine(tiny_chat_model, **bounds):
+    model, tokenizer, stop_ids = tiny_chat_model
     return Engine(model, tokenizer, stop_ids, **bounds)
 
 
@@ -77,38 +59,38 @@ def run_concurrently(engine, jobs):
     return results
 
 
-def test_batched_results_equal_unbatched(tiny):
-    model, tokenizer, stop_ids = tiny
+def test_batched_results_equal_unbatched(tiny_chat_model):
+    model, tokenizer, stop_ids = tiny_chat_model
     params = SamplingParams(temperature=0, max_tokens=20, logprobs=True, top_logprobs=2)
     jobs = [(ids, params) for ids in prompts(tokenizer, 6)]
-    batched = run_concurrently(make_engine(tiny, max_seqs=8), jobs)
+    batched = run_concurrently(make_engine(tiny_chat_model, max_seqs=8), jobs)
     for (ids, _), events in zip(jobs, batched):
         assert_same_greedy_tokens(events, list(generate(model, tokenizer, ids, params, stop_ids)))
 
 
-def test_sampled_choices_do_not_depend_on_batching(tiny):
-    model, tokenizer, stop_ids = tiny
+def test_sampled_choices_do_not_depend_on_batching(tiny_chat_model):
+    model, tokenizer, stop_ids = tiny_chat_model
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=7, n=3, max_tokens=12)
     ids = prompts(tokenizer, 1)[0]
-    (events,) = run_concurrently(make_engine(tiny), [(ids, params)])
+    (events,) = run_concurrently(make_engine(tiny_chat_model), [(ids, params)])
     assert collect(events)[0] == collect(generate(model, tokenizer, ids, params, stop_ids))[0]
 
 
-def test_n_choices_share_one_prefill(tiny):
-    engine = make_engine(tiny, prefix_cache_tokens=0)
-    ids = prompts(tiny[1], 3)[2]
+def test_n_choices_share_one_prefill(tiny_chat_model):
+    engine = make_engine(tiny_chat_model, prefix_cache_tokens=0)
+    ids = prompts(tiny_chat_model[1], 3)[2]
     events = list(engine.submit(ids, SamplingParams(temperature=1.0, seed=1, n=3, max_tokens=5)))
     assert {e.index for e in events} == {0, 1, 2}
     assert engine.stats["prompt_tokens_computed"] == len(ids)  # once, not three times
 
 
-def test_prefix_cache_reuses_a_shared_prefix_and_changes_nothing(tiny):
-    model, tokenizer, stop_ids = tiny
+def test_prefix_cache_reuses_a_shared_prefix_and_changes_nothing(tiny_chat_model):
+    model, tokenizer, stop_ids = tiny_chat_model
     system = {"role": "system", "content": "You are a terse assistant. " * 4}
     first = tokenizer.encode_chat([system, {"role": "user", "content": "hello"}])
     second = tokenizer.encode_chat([system, {"role": "user", "content": "goodbye"}])
     params = SamplingParams(temperature=0, max_tokens=8, logprobs=True, top_logprobs=2)
-    engine = make_engine(tiny)
+    engine = make_engine(tiny_chat_model)
     list(engine.submit(first, params))
     computed = engine.stats["prompt_tokens_computed"]
     events = list(engine.submit(second, params))
@@ -118,9 +100,9 @@ def test_prefix_cache_reuses_a_shared_prefix_and_changes_nothing(tiny):
     assert_same_greedy_tokens(events, list(generate(model, tokenizer, second, params, stop_ids)))
 
 
-def test_a_full_queue_is_refused_at_once(endless):
-    engine = make_engine(endless, max_seqs=1, max_queue=2)
-    ids = prompts(endless[1], 1)[0]
+def test_a_full_queue_is_refused_at_once(endless_chat_model):
+    engine = make_engine(endless_chat_model, max_seqs=1, max_queue=2)
+    ids = prompts(endless_chat_model[1], 1)[0]
     endless_reply = SamplingParams(temperature=0)  # nothing here ends before it is canceled
     running = engine.submit(ids, endless_reply)
     next(iter(running))  # admitted and decoding: the one sequence slot is taken
@@ -131,9 +113,9 @@ def test_a_full_queue_is_refused_at_once(endless):
         r.cancel()
 
 
-def test_cancelled_requests_free_their_sequences_within_a_step(endless):
-    engine = make_engine(endless, max_seqs=4)
-    ids = prompts(endless[1], 1)[0]
+def test_cancelled_requests_free_their_sequences_within_a_step(endless_chat_model):
+    engine = make_engine(endless_chat_model, max_seqs=4)
+    ids = prompts(endless_chat_model[1], 1)[0]
     requests = [engine.submit(ids, SamplingParams(temperature=0)) for _ in range(4)]  # none ends by itself
     for r in requests:
         next(iter(r))  # streaming has begun
@@ -146,9 +128,9 @@ def test_cancelled_requests_free_their_sequences_within_a_step(endless):
     assert len(list(engine.submit(ids, SamplingParams(temperature=0, max_tokens=3)))) == 3  # still serving
 
 
-def test_an_exception_fails_only_its_request(tiny, monkeypatch):
-    engine = make_engine(tiny)
-    ids = prompts(tiny[1], 2)
+def test_an_exception_fails_only_its_request(tiny_chat_model, monkeypatch):
+    engine = make_engine(tiny_chat_model)
+    ids = prompts(tiny_chat_model[1], 2)
     good = SamplingParams(temperature=0, max_tokens=30)
     original = Generation.step
 

@@ -6,27 +6,17 @@ import numpy as np
 import pytest
 
 from refimpl.engine import Engine, EngineFull, NeverFits
-from refimpl.generate import load, prompt_logprobs
+from refimpl.generate import prompt_logprobs
 from refimpl.sampling import SamplingParams
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_chat_model_dir):
-    return load(tiny_chat_model_dir)
-
-
-@pytest.fixture(scope="module")
-def endless(endless_chat_model_dir):
-    return load(endless_chat_model_dir)
 
 
 def chat_ids(tokenizer, text):
     return tokenizer.encode_chat([{"role": "user", "content": text}])
 
 
-def test_max_seqs_is_a_hard_cap(tiny):
+def test_max_seqs_is_a_hard_cap(tiny_chat_model):
     """However requests and their n choices arrive, no step runs more than max_seqs sequences."""
-    engine = Engine(*tiny, max_seqs=3, max_queue=16)
+    engine = Engine(*tiny_chat_model, max_seqs=3, max_queue=16)
     most, step = 0, engine.step
 
     def counting_step():
@@ -35,7 +25,7 @@ def test_max_seqs_is_a_hard_cap(tiny):
         step()
 
     engine.step = counting_step
-    tokenizer = tiny[1]
+    tokenizer = tiny_chat_model[1]
     requests = [engine.submit(chat_ids(tokenizer, f"question {i}"), SamplingParams(temperature=1, seed=i, n=n,
                                                                                    max_tokens=6))
                 for i, n in enumerate([3, 2, 1, 3, 2])]
@@ -44,9 +34,9 @@ def test_max_seqs_is_a_hard_cap(tiny):
     assert most == 3
 
 
-def test_a_request_that_can_never_run_is_refused_as_such(tiny):
-    engine = Engine(*tiny, max_seqs=2, max_queue=2)
-    ids = chat_ids(tiny[1], "hi")
+def test_a_request_that_can_never_run_is_refused_as_such(tiny_chat_model):
+    engine = Engine(*tiny_chat_model, max_seqs=2, max_queue=2)
+    ids = chat_ids(tiny_chat_model[1], "hi")
     with pytest.raises(NeverFits, match="max_seqs") as too_many_choices:
         engine.submit(ids, SamplingParams(n=3))
     assert too_many_choices.value.param == "n"
@@ -56,9 +46,9 @@ def test_a_request_that_can_never_run_is_refused_as_such(tiny):
     assert engine.idle()  # nothing of either was queued
 
 
-def test_several_prompts_are_queued_all_or_none(endless):
-    engine = Engine(*endless, max_seqs=1, max_queue=3)
-    ids = chat_ids(endless[1], "hi")
+def test_several_prompts_are_queued_all_or_none(endless_chat_model):
+    engine = Engine(*endless_chat_model, max_seqs=1, max_queue=3)
+    ids = chat_ids(endless_chat_model[1], "hi")
     running = engine.submit(ids, SamplingParams(temperature=0))
     next(iter(running))  # the one slot is taken
     waiting = engine.submit(ids, SamplingParams(temperature=0))
@@ -72,9 +62,9 @@ def test_several_prompts_are_queued_all_or_none(endless):
 
 
 @pytest.mark.parametrize("chunk", [64, 256])
-def test_scoring_in_the_engine_equals_the_single_sequence_scorer(tiny, chunk):
+def test_scoring_in_the_engine_equals_the_single_sequence_scorer(tiny_chat_model, chunk):
     """A prompt longer than several prefill chunks, scored beside another request's decoding."""
-    model, tokenizer, stop_ids = tiny
+    model, tokenizer, stop_ids = tiny_chat_model
     engine = Engine(model, tokenizer, stop_ids, prefill_chunk=chunk)
     ids = tokenizer.encode("the quick brown fox jumps over the lazy dog " * 8)[:300]
     companion = engine.submit(chat_ids(tokenizer, "keep talking"), SamplingParams(temperature=0, max_tokens=40))
@@ -90,9 +80,9 @@ def test_scoring_in_the_engine_equals_the_single_sequence_scorer(tiny, chunk):
                                [[t.logprob for t in e.top] for e in reference[1:]], atol=1e-4)
 
 
-def test_scoring_never_reads_a_prefix_cache_hit(tiny):
+def test_scoring_never_reads_a_prefix_cache_hit(tiny_chat_model):
     """A scored prompt needs every position's distribution, so a cached prefix is recomputed."""
-    model, tokenizer, stop_ids = tiny
+    model, tokenizer, stop_ids = tiny_chat_model
     engine = Engine(model, tokenizer, stop_ids)
     ids = chat_ids(tokenizer, "the same prompt twice")
     list(engine.submit(ids, SamplingParams(temperature=0, max_tokens=1)))

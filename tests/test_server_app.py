@@ -163,13 +163,17 @@ def test_keep_alive_while_waiting_for_the_model(state, engine, monkeypatch):
     real_step = engine.step
 
     def stalled_step():
-        release.wait()
+        release.wait(timeout=60)
         real_step()
 
     monkeypatch.setattr(engine, "step", stalled_step)
-    threading.Timer(0.3, release.set).start()
     response = client.post("/v1/chat/completions", json={"messages": "hi", "max_tokens": 2, "stream": True})
-    blocks = sse_events(response.get_data(as_text=True))
+    body = ""
+    for chunk in response.iter_encoded():  # read as it is written; the step stalls until 5 keep-alives came
+        body += chunk.decode()
+        if body.count(": keep-alive") >= 5:
+            release.set()
+    blocks = sse_events(body)
     assert blocks.count(": keep-alive") >= 5
     assert data_events(blocks)[1]
 

@@ -33,6 +33,7 @@ def auth(key):
 
 
 CHAT_BODY = {"messages": "hi", "max_tokens": 2}
+NO_EOS = {"2": -100}  # sampled without a seed, a reply could end early at <|im_end|> (id 2)
 
 
 @pytest.mark.parametrize("method, path", [
@@ -87,8 +88,8 @@ def test_cors_only_for_named_origins(server, tiny, tmp_path):
 
 
 def test_log_line_per_request_never_the_key(server):
-    ok = requests.post(f"{server.base}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, headers=auth(KEY),
-                       timeout=30)
+    ok = requests.post(f"{server.base}/v1/completions", json={"prompt": "hi", "max_tokens": 3, "logit_bias": NO_EOS},
+                       headers=auth(KEY), timeout=30)
     bad = requests.get(f"{server.base}/v1/models", headers=auth(KEY + "-wrong"), timeout=30)
     log = server.log()
     ok_line = next(line for line in log.splitlines() if ok.headers["X-Request-Id"] in line)
@@ -101,7 +102,8 @@ def test_dev_server_streams(tiny, tmp_path):
     """--dev: Flask's development server, the same app (no CORS headers without --cors-origin)."""
     live = LiveServer(tiny, "--dev", log_path=tmp_path / "dev.log")
     try:
-        response = requests.post(f"{live.base}/v1/completions", json={"prompt": "hi", "max_tokens": 3, "stream": True},
+        response = requests.post(f"{live.base}/v1/completions", json={"prompt": "hi", "max_tokens": 3, "stream": True,
+                                                                      "logit_bias": NO_EOS},
                                  headers={"Origin": ORIGIN}, timeout=30)
         chunks, done = data_events(sse_events(response))
         assert done and chunks[-1]["choices"][0]["finish_reason"] == "length"
