@@ -164,9 +164,10 @@ class Engine:
     def __init__(self, model, tokenizer, stop_ids, max_seqs=16, max_queue=64, prefill_chunk=256,
                  prefix_cache_tokens=4096, offload=None):
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, set(stop_ids)
-        # offload(f, *args) runs a forward pass and returns f(*args). A server whose connections are
-        # greenlets of one thread (gevent) passes one that runs it in a real thread, so that its
-        # event loop goes on serving while the weights are read; the default calls it here.
+        # offload(f, *args) runs the heavy arithmetic (forward passes, scoring a prompt chunk) and
+        # returns f(*args). A server whose connections are greenlets of one thread (gevent) passes one
+        # that runs it in a real thread, so that its event loop goes on serving meanwhile; the
+        # default calls it here.
         self.offload = offload or (lambda f, *args: f(*args))
         self.max_seqs, self.max_queue, self.prefill_chunk = max_seqs, max_queue, prefill_chunk
         self.prefix_cache = PrefixCache(prefix_cache_tokens)
@@ -318,8 +319,8 @@ class Engine:
         gen = request.generation
         if request.score_top is not None:  # row: [T, V], row t predicts prompt token prefilled + t + 1
             following = gen.prompt_ids[request.prefilled + 1:request.prefilled + len(chunk) + 1]
-            request.prompt_logprobs += chunk_logprobs(self.model.xp, self.tokenizer, row, following,
-                                                      request.score_top)
+            request.prompt_logprobs += self.offload(chunk_logprobs, self.model.xp, self.tokenizer, row, following,
+                                                    request.score_top)
             row = to_numpy(row[-1, ...])
         request.prefilled += len(chunk)
         self.stats["prompt_tokens_computed"] += len(chunk)

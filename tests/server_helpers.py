@@ -89,9 +89,9 @@ class LiveServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.log()}")
             try:
-                if requests.get(f"{self.base}/health", timeout=2).status_code == 200:
+                if requests.get(f"{self.base}/health", timeout=5).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or busy reading weights
                 pass
             time.sleep(0.1)
         self.stop()

@@ -12,6 +12,7 @@ while a test runs, so nothing races the machine; each test waits on a condition 
 """
 
 import json
+import re
 import signal
 import socket
 import threading
@@ -73,6 +74,21 @@ def post_head(path, body):
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
+def read_response(s):
+    """(status line, JSON body) of one HTTP response read from a raw socket, however it is split."""
+    s.settimeout(15)
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        if not (chunk := s.recv(65536)):
+            pytest.fail(f"the connection closed before a response: {answer!r}")
+        answer += chunk
+    head, body = answer.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?i)^content-length: (\d+)", head, re.M).group(1))
+    while len(body) < length and (chunk := s.recv(65536)):
+        body += chunk
+    return head.split(b"\r\n", 1)[0], json.loads(body)
+
+
 def first_data_line(response):
     return next(line for line in response.iter_lines() if line.startswith(b"data: "))
 
@@ -90,7 +106,6 @@ def test_fifty_streams_closed_after_their_first_chunk_free_everything(server):
 
     with ThreadPoolExecutor(50) as pool:
         list(pool.map(open_and_leave, range(50)))
-    left = time.monotonic()
     wait_for(lambda: idle(server), 2, "0 running and 0 waiting after the 50 clients left")
     started = time.monotonic()
     with requests.post(f"{server.base}/v1/chat/completions", json={**ENDLESS, "max_tokens": 3, "stream": True},
@@ -98,7 +113,6 @@ def test_fifty_streams_closed_after_their_first_chunk_free_everything(server):
         lines = [line for line in response.iter_lines() if line.startswith(b"data: ")]
     assert len(lines) >= 3 and lines[-1] == b"data: [DONE]"
     assert time.monotonic() - started < 5, "a new request waited behind the clients that left"
-    assert time.monotonic() - left < 7
 
 
 def test_a_non_streaming_client_that_leaves_stops_its_generation(server):
@@ -168,10 +182,8 @@ def test_stalled_connections_do_not_stall_the_server(small_server):
         health_within_one_second(small_server)
         quick_chat(small_server)
         # A body that stops arriving is answered 408 after --read-timeout (2 s) of silence.
-        short_bodies[0].settimeout(10)
-        answer = short_bodies[0].recv(65536)
-        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
-        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+        status, body = read_response(short_bodies[0])
+        assert status.startswith(b"HTTP/1.1 408") and body["error"]["code"] == "request_timeout"
         # Half a request line is closed once the time for the headers is up.
         half_lines[0].settimeout(15)
         assert half_lines[0].recv(65536) == b""
@@ -256,15 +268,9 @@ def test_a_malformed_chunked_body_is_a_400_envelope(small_server, chunked):
     head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")
     s = raw_request(small_server, head, chunked)
-    s.settimeout(10)
-    answer = b""
-    while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
-        if not (chunk := s.recv(65536)):
-            break
-        answer += chunk
+    status, body = read_response(s)
     s.close()
-    assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
-    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "invalid_body"
+    assert status.startswith(b"HTTP/1.1 400") and body["error"]["code"] == "invalid_body"
     health_within_one_second(small_server)
 
 

@@ -81,7 +81,8 @@ Server to client:
   "logprob", "rank", "alternatives": [{"token_id", "text", "bytes", "special", "p", "p_temp", "kept",
   "removed_by", "chosen"}, ...], "other_p", "other_p_temp", "top_p_cut"}` per generated token: appending the
   deltas gives the reply; p, logprob and rank are the model's raw distribution
-- `{"type": "done", "id", "finish_reason": "stop" | "length" | "canceled", "content", "usage"}`
+- `{"type": "done", "id", "finish_reason": "stop" | "length" | "canceled", "content", "usage", "request_id"}`:
+  request_id names the reply's line in the server's log
 - `{"type": "error", "id", "status", "error": {"message", "type", "param", "code"}}`: ends that reply
   (id is null if the message had none); the socket stays open
 

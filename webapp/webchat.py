@@ -18,7 +18,8 @@ Server to client:
     {"type": "token", "id", "index", "token_id", "text", "bytes", "offset", "delta", "special",
      "p", "logprob", "rank", "alternatives": [{"token_id", "text", "bytes", "special", "p",
      "p_temp", "kept", "removed_by", "chosen"}, ...], "other_p", "other_p_temp", "top_p_cut"}
-    {"type": "done", "id", "finish_reason": "stop" | "length" | "canceled", "content", "usage"}
+    {"type": "done", "id", "finish_reason": "stop" | "length" | "canceled", "content", "usage",
+     "request_id"}                              request_id: the reply's id in the server's log
     {"type": "error", "id" (null if the message had none), "status", "error": {"message",
      "type", "param", "code"}}                  ends that reply; the socket stays open
 
@@ -120,6 +121,7 @@ class ChatSocket:
     def __init__(self, ws, authorised):
         self.ws, self.authorised = ws, authorised
         self.app = current_app.extensions["refimpl"]  # state, config, metrics, draining
+        self.log = g.log  # the handshake's log line: errors outside a reply are reported under its id
         self.reply = None  # (id, engine request) of the reply streaming now
 
     def send(self, **message):
@@ -175,7 +177,7 @@ class ChatSocket:
 
     def send_error(self, message_id, err, log=None):
         """Answer with an error event (OpenAI's envelope inside); returns the ApiError sent."""
-        error = from_exception(err, "messages", (log or g.log).request_id)
+        error = from_exception(err, "messages", (log or self.log).request_id)
         self.send(type="error", id=message_id, status=error.status, **error.envelope())
         return error
 
@@ -215,7 +217,7 @@ class ChatSocket:
             self.reply = None
         log.usage = usage(reply.job.usages())
         self.send(type="done", id=reply_id, finish_reason=finish or "canceled", content="".join(content),
-                  usage=log.usage)
+                  usage=log.usage, request_id=log.request_id)
         log.finish(200, note="" if finish else "finish_reason canceled")
 
     def gone(self):

@@ -42,7 +42,7 @@
          most-likely set reaching it.
          A token group's glyph text: the content's code points from its offset to the next group's
          offset (the last group: to the end of the content received so far).
-     {"type": "done", "id", "finish_reason": "stop"|"length"|"canceled", "content": "the whole reply",
+     {"type": "done", "id", "finish_reason": "stop"|"length"|"canceled", "content": "the whole reply", "request_id",
       "usage": {"prompt_tokens", "completion_tokens", "total_tokens", "avg_tok_per_sec",
                 "avg_prompt_tok_per_sec", "avg_compl_tok_per_sec"}}
      {"type": "error", "id": "r1" or null, "status": 400, "error": {"message", "type", "param", "code"}}
