@@ -93,6 +93,56 @@ class Usage:
         return (self.prompt_tokens + self.completion_tokens) / seconds if seconds else 0.0
 
 
+class StopStrings:
+    """An Aho-Corasick automaton over the stop strings, read one character at a time. Its states
+    are the prefixes of stop strings (the nodes of their trie); after each character the state is
+    the longest suffix of the text that is such a prefix, so its depth is the text to hold back.
+    A mismatch falls back along failure links (to the next shorter such suffix): as each character
+    deepens the state by one at most, the fall-backs cost O(1) per character over the whole text."""
+
+    # By hand, not pyahocorasick: it reports matches but not the depth of its state, which is what
+    # says how much to hold back; and a C dependency is not worth thirty readable lines.
+    def __init__(self, stops):
+        if "" in stops:
+            raise ValueError("an empty stop string would end the text before it begins")
+        self.goto, self.fail, self.depth, self.ends = [{}], [0], [0], [0]  # node 0, the root: ""
+        for s in stops:  # the trie: one node per distinct prefix
+            node = 0
+            for ch in s:
+                if ch not in self.goto[node]:
+                    self.goto[node][ch] = len(self.goto)
+                    self.goto.append({})
+                    self.fail.append(0)
+                    self.depth.append(self.depth[node] + 1)
+                    self.ends.append(0)
+                node = self.goto[node][ch]
+            self.ends[node] = len(s)
+        # Failure links breadth first: a node's link is shallower, so it is complete before the node's.
+        # ends[node]: the longest stop string that is a suffix of the node's prefix (0: none).
+        order = list(self.goto[0].values())  # depth 1: they fall back to the root
+        for node in order:
+            for ch, child in self.goto[node].items():
+                self.fail[child] = self.step(self.fail[node], ch)
+                self.ends[child] = self.ends[child] or self.ends[self.fail[child]]
+                order.append(child)
+        self.state = 0
+
+    def step(self, node, ch):
+        while node and ch not in self.goto[node]:
+            node = self.fail[node]
+        return self.goto[node].get(ch, 0)
+
+    def read(self, ch):
+        """Read one character; return the length of the longest stop string it ends (0: none)."""
+        self.state = self.step(self.state, ch)
+        return self.ends[self.state]
+
+    @property
+    def held(self):
+        """Length of the longest tail of the text read that begins some stop string."""
+        return self.depth[self.state]
+
+
 class TextStream:
     """Token bytes in, text deltas out: no partial characters, nothing that belongs to a stop string.
 
@@ -102,59 +152,10 @@ class TextStream:
     stop strings "abcd" and "bc", "abcd" ends the text after "a", however it is split into tokens.
     """
 
-    class StopStrings:
-        """An Aho-Corasick automaton over the stop strings, read one character at a time. Its states
-        are the prefixes of stop strings (the nodes of their trie); after each character the state is
-        the longest suffix of the text that is such a prefix, so its depth is the text to hold back.
-        A mismatch falls back along failure links (to the next shorter such suffix): as each character
-        deepens the state by one at most, the fall-backs cost O(1) per character over the whole text."""
-
-        # By hand, not pyahocorasick: it reports matches but not the depth of its state, which is what
-        # says how much to hold back; and a C dependency is not worth thirty readable lines.
-        def __init__(self, stops):
-            if "" in stops:
-                raise ValueError("an empty stop string would end the text before it begins")
-            self.goto, self.fail, self.depth, self.ends = [{}], [0], [0], [0]  # node 0, the root: ""
-            for s in stops:  # the trie: one node per distinct prefix
-                node = 0
-                for ch in s:
-                    if ch not in self.goto[node]:
-                        self.goto[node][ch] = len(self.goto)
-                        self.goto.append({})
-                        self.fail.append(0)
-                        self.depth.append(self.depth[node] + 1)
-                        self.ends.append(0)
-                    node = self.goto[node][ch]
-                self.ends[node] = len(s)
-            # Failure links breadth first: a node's link is shallower, so it is complete before the node's.
-            # ends[node]: the longest stop string that is a suffix of the node's prefix (0: none).
-            order = list(self.goto[0].values())  # depth 1: they fall back to the root
-            for node in order:
-                for ch, child in self.goto[node].items():
-                    self.fail[child] = self.step(self.fail[node], ch)
-                    self.ends[child] = self.ends[child] or self.ends[self.fail[child]]
-                    order.append(child)
-            self.state = 0
-
-        def step(self, node, ch):
-            while node and ch not in self.goto[node]:
-                node = self.fail[node]
-            return self.goto[node].get(ch, 0)
-
-        def read(self, ch):
-            """Read one character; return the length of the longest stop string it ends (0: none)."""
-            self.state = self.step(self.state, ch)
-            return self.ends[self.state]
-
-        @property
-        def held(self):
-            """Length of the longest tail of the text read that begins some stop string."""
-            return self.depth[self.state]
-
     def __init__(self, stop_strings=()):
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stop_strings = list(stop_strings)
-        self.stops = self.StopStrings(self.stop_strings)
+        self.stops = StopStrings(self.stop_strings)
         self.text = ""  # everything decoded so far (cut at a stop string once found)
         self.sent = 0  # how much of text has been released
         self.stopped = False
