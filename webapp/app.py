@@ -122,9 +122,10 @@ def spec_options(config):
         "- Unknown request fields are ignored; OpenAI features this server lacks (tools, functions, "
         "response_format other than text, suffix, best_of) are refused with 400 rather than silently dropped.\n"
         "- Every error is OpenAI's envelope `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`, "
-        "with its status: 400 invalid request or prompt too long for the context, 401 missing or wrong API "
-        "key, 404, 413 body too large, 415 not JSON, 429 queue full (with Retry-After), 503 model loading or "
-        "server shutting down.\n"
+        "with its status: 400 invalid request, prompt too long for the context, or more than the server's "
+        "limits could ever run; 401 missing or wrong API key; 403 the web chat's WebSocket opened from another "
+        "site's page; 404; 408 the body stopped arriving; 413 body too large; 415 not JSON; 429 queue full "
+        "(with Retry-After); 503 model loading or server shutting down.\n"
         "- Besides the API: `GET /metrics` (Prometheus), and the web chat at `/`, which talks over the "
         "WebSocket `/v1/ws` (its protocol is under chat below; Try it out cannot open a WebSocket).")
     options = {"info": {"description": description}}
