@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from refimpl.model import forward, load_model
+from refimpl.models import forward, load_model
 from refimpl.pull import pull
 from refimpl.tokenizer import Tokenizer
 

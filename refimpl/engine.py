@@ -34,7 +34,7 @@ import time
 from collections import OrderedDict, deque
 
 from refimpl.generate import chunk_logprobs, generate
-from refimpl.model import forward
+from refimpl.models import forward
 from refimpl.xp import to_numpy
 
 DONE = object()  # end of a request's event stream

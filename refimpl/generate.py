@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from refimpl.explain import explain, most_likely, token_text
-from refimpl.model import forward, load_model
+from refimpl.models import forward, load_model
 from refimpl.sampling import log_softmax, sample
 from refimpl.tokenizer import Tokenizer
 from refimpl.xp import namespace, to_numpy

@@ -10,7 +10,7 @@ import array_api_strict
 import numpy as np
 import pytest
 
-from refimpl.model import forward, load_model
+from refimpl.models import forward, load_model
 
 from conftest import GOLDEN, load_golden
 

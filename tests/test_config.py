@@ -1,12 +1,15 @@
-"""ModelConfig.from_dict: the architecture flags read from config.json, and what is refused."""
+"""The Llama family's config (LlamaConfig.from_dict): the flags read from config.json, and what is refused;
+the registry's choice of family by model_type; RoPE inverse frequencies."""
 
 from decimal import Decimal, localcontext
 
 import numpy as np
 import pytest
 
-from refimpl.config import ConfigError, ModelConfig
-from refimpl.model import rope_inverse_frequencies
+from refimpl.config import ConfigError
+from refimpl.models import family_of
+from refimpl.models.llama import LlamaConfig as ModelConfig
+from refimpl.ops import rope_inverse_frequencies
 
 from conftest import load_golden
 
@@ -98,7 +101,8 @@ def test_unsupported_values_are_refused_by_name(change, value):
 def test_rope_inverse_frequencies_match_transformers(index, max_ulp):
     """Within max_ulp of transformers' float32 values (golden/rope_inverse_frequencies.json)."""
     case = load_golden("rope_inverse_frequencies.json")["cases"][index]
-    ours = rope_inverse_frequencies(ModelConfig.from_dict(case["config"]))
+    cfg = ModelConfig.from_dict(case["config"])
+    ours = rope_inverse_frequencies(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling)
     assert ours.dtype == np.float32
     theirs = np.array(case["inv_freq_float32_bits"], dtype=np.uint32)
     # Positive floats are ordered like their bit patterns: the integer difference counts ULPs.
@@ -111,7 +115,7 @@ def test_rope_inverse_frequencies_match_transformers(index, max_ulp):
 @pytest.mark.parametrize("theta, dim", [(500000.0, 128), (10000.0, 80), (1e6, 96)])
 def test_rope_inverse_frequencies_are_correctly_rounded(theta, dim):
     """Each is the float32 nearest to theta^-e (e the float32 exponent), so no CPU's pow can change it."""
-    ours = rope_inverse_frequencies(ModelConfig.from_dict(BASE | {"head_dim": dim, "rope_theta": theta}))
+    ours = rope_inverse_frequencies(theta, dim)
     exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
     with localcontext() as ctx:
         ctx.prec = 40  # far past float64's 17 digits
@@ -119,3 +123,9 @@ def test_rope_inverse_frequencies_are_correctly_rounded(theta, dim):
             exact = 1 / Decimal(theta) ** Decimal(float(e))
             neighbours = [f, np.nextafter(f, np.float32(0)), np.nextafter(f, np.float32(np.inf))]
             assert min(neighbours, key=lambda c: abs(Decimal(float(c)) - exact)) == f, (f, exact)
+
+
+def test_the_family_is_chosen_by_model_type_alone_and_unknown_types_are_refused_by_name():
+    assert all(family_of({"model_type": t}).__name__ == "refimpl.models.llama" for t in ("llama", "mistral", "qwen2"))
+    with pytest.raises(ConfigError, match="'mamba'"):
+        family_of({"model_type": "mamba", "architectures": ["LlamaForCausalLM"]})

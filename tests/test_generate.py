@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from refimpl.cli import main
 from refimpl.generate import ContextLengthExceeded, TextStream, generate, prompt_logprobs
-from refimpl.model import load_model
+from refimpl.models import load_model
 from refimpl.sampling import SamplingParams
 from refimpl.tokenizer import Tokenizer
 

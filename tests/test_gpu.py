@@ -6,7 +6,7 @@ present. The CPU-only guard for this path is test_array_api.py.
 
 import pytest
 
-from refimpl.model import load_model
+from refimpl.models import load_model
 
 from conftest import GOLDEN, load_golden
 from test_model_golden import TINY, check_prompt

@@ -8,7 +8,7 @@ float32, eager attention); regenerate them with `make golden`, never by hand.
 import numpy as np
 import pytest
 
-from refimpl.model import forward, load_model
+from refimpl.models import forward, load_model
 from refimpl.sampling import log_softmax
 from refimpl.xp import to_numpy
 

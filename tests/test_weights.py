@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from refimpl.model import forward, load_model
+from refimpl.models import forward, load_model
 from refimpl.weights import WeightsError, read_tensors
 
 from conftest import GOLDEN

@@ -14,7 +14,7 @@ def test_importing_refimpl_does_not_tune_the_allocator_and_loading_on_the_cpu_do
         import refimpl.generate, refimpl.explain, refimpl.engine, refimpl.sampling
         refimpl.xp.namespace("cpu")
         assert calls == [], calls
-        from refimpl.model import load_model
+        from refimpl.models import load_model
         load_model({str(tiny_chat_model_dir)!r}, "cpu")
         assert calls == ["mallopt"], calls
     """)

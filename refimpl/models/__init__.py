@@ -1,0 +1,62 @@
+"""The model families, keyed by config.json's `model_type`, and the two calls the rest of refimpl makes.
+
+Each family is one module of this package that owns everything particular to it: the config
+fields it reads (its Config class, with from_dict), the tensors its checkpoint holds (expected_shapes), how it
+lays them out (load_weights), and its forward pass. The engine and generation call only
+`load_model` and `forward(model, tokens, caches, all_logits)`, whatever the family.
+"""
+
+from dataclasses import dataclass
+
+from refimpl.config import ConfigError, read_config
+from refimpl.kv_cache import KVCache
+from refimpl.models import llama
+from refimpl.weights import read_checkpoint
+from refimpl.xp import keep_freed_memory, namespace
+
+FAMILIES = {model_type: family for family in (llama,) for model_type in family.MODEL_TYPES}
+
+
+@dataclass
+class Model:
+    config: object  # the family's config class
+    weights: object  # the family's weights, on the device
+    xp: object  # the array namespace
+    family: object  # the family's module
+
+    def new_cache(self, capacity):
+        return KVCache(self.xp, self.config, capacity)
+
+
+def family_of(config):
+    """The module of config.json's model_type (a dict), or ConfigError naming what is supported."""
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise ConfigError(f"model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
+    return FAMILIES[model_type]
+
+
+def load_config(path):
+    """The family config of the model directory `path`."""
+    raw = read_config(path)
+    return family_of(raw).Config.from_dict(raw)
+
+
+def load_model(path, device="cpu", xp=None):
+    """Load config.json and the safetensors weights of an HF-layout directory, strictly.
+
+    `device` picks the array namespace; `xp` overrides it (the tests pass array_api_strict).
+    """
+    xp = xp or namespace(device)
+    if device == "cpu":
+        keep_freed_memory()  # a CPU forward pass reuses large short-lived arrays (see xp.py)
+    raw = read_config(path)
+    family = family_of(raw)
+    config = family.Config.from_dict(raw)
+    tensors = read_checkpoint(path, family.expected_shapes(config))
+    return Model(config, family.load_weights(tensors, config, xp), xp, family)
+
+
+def forward(model, tokens, caches, all_logits=False):
+    """Run new tokens of one or more sequences through the model (see the family's forward)."""
+    return model.family.forward(model, tokens, caches, all_logits)

@@ -1,0 +1,132 @@
+"""The shared equations: every model family is written in these, one function per equation.
+
+Each takes arrays (and the array namespace `xp`) and returns arrays; none holds state. A family
+file (refimpl/models/) reads as a sequence of these calls, so the differences between families
+show as differences in their files, not in here.
+
+Dimension letters: N tokens in a call (all sequences), T tokens of one sequence, S keys (cached +
+new), D model width, H query heads, Hkv key/value heads, G = H / Hkv, Dh head width, F
+feed-forward width, V vocabulary.
+"""
+
+import math
+
+import numpy as np
+
+# ---------------------------------------------------------------- norms and activations
+
+
+def rms_norm(xp, x, weight, eps):
+    # Scale each row to unit root-mean-square, then by a learned gain: no mean, no bias.
+    return x * (1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)) * weight  # [N, D]
+
+
+def silu(xp, x):
+    return x / (1.0 + xp.exp(-x))
+
+
+def linear(x, w, name, bias):
+    """x @ W (+ b): the weight named `name`, stored [in, out] (the family's arrange step)."""
+    y = x @ w[name + ".weight"]
+    return y + w[name + ".bias"] if bias else y
+
+
+def gated_mlp(xp, w, x, F, bias, act):
+    """A gated MLP (SwiGLU when act is silu): down(act(gate(x)) * up(x)), with gate and up stored
+    side by side as one [D, 2F] matrix (mlp.gate_up_proj)."""
+    gate_up = linear(x, w, "mlp.gate_up_proj", bias)  # [N, 2F]
+    return linear(act(xp, gate_up[:, :F]) * gate_up[:, F:], w, "mlp.down_proj", bias)  # [N, D]
+
+
+# ---------------------------------------------------------------- rotary position embeddings
+
+
+def rope_inverse_frequencies(theta, head_dim, scaling=None):
+    """RoPE's per-pair rotation speeds theta^(-2i/Dh), with llama3 rescaling when `scaling` says so.
+
+    The exponent 2i/Dh is float32, as in transformers; the power and reciprocal are float64,
+    rounded once to float32, so each value is correctly rounded (unless a float64 error straddles
+    a float32 rounding boundary, odds ~1e-8) and the same on every CPU. A float32 pow is not:
+    its last bits depend on the SIMD path. transformers' float32 values are within 2 ULP of these
+    (the llama3 blend below, the same float32 steps in both, can magnify that to 4 ULP).
+    """
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)  # [Dh/2]
+    inv_freq = (1.0 / theta ** exponent.astype(np.float64)).astype(np.float32)
+    s = scaling
+    if s is None:
+        return inv_freq
+    # Llama 3.1: leave high frequencies alone, divide low ones by `factor`, blend in between.
+    # float32 arithmetic in transformers' order: each step is one IEEE rounding, the same on every CPU.
+    old_len, factor = s["original_max_position_embeddings"], s["factor"]
+    low_freq_wavelen = old_len / s["low_freq_factor"]
+    high_freq_wavelen = old_len / s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(xp, inv_freq, positions):
+    """cos and sin of each position's rotation angles, laid out for rotate_half."""
+    angles = xp.astype(positions, xp.float32)[:, None] * inv_freq[None, :]  # [N, Dh/2]
+    angles = xp.concat([angles, angles], axis=-1)  # [N, Dh]
+    return xp.cos(angles)[:, None, :], xp.sin(angles)[:, None, :]  # [N, 1, Dh] each
+
+
+def rope(xp, x, cos, sin):
+    """Rotate each (i, i + Dh/2) pair of x by its position's angle (HF's rotate-half layout)."""
+    half = x.shape[-1] // 2
+    rotated = xp.concat([-x[..., half:], x[..., :half]], axis=-1)  # [N, H, Dh]
+    return x * cos + rotated * sin
+
+
+# ---------------------------------------------------------------- attention
+
+# Queries are attended in blocks of this many rows: the [H, T, S] score matrix of a long prompt
+# would not fit in memory (8192 tokens: 2.4 GB per layer), and each block skips the keys after
+# its last query, which the causal mask would hide anyway.
+QUERY_BLOCK = 128
+
+
+def attention(xp, q, k, v, start, window):
+    """Causal attention of one sequence's queries q [T, H, Dh], at positions start..start+T-1,
+    over its keys and values k, v [Hkv, S, Dh] at positions 0..S-1 (S = start + T)."""
+    T = q.shape[0]
+    outs = []
+    for i in range(0, T, QUERY_BLOCK):
+        j = min(i + QUERY_BLOCK, T)
+        k_lo = 0 if window is None else max(0, start + i - window + 1)  # first key any query here sees
+        k_hi = start + j  # one past the last key the last query here sees
+        q_pos, k_pos = xp.arange(start + i, start + j), xp.arange(k_lo, k_hi)
+        outs.append(attention_block(xp, q[i:j, ...], k[:, k_lo:k_hi, :], v[:, k_lo:k_hi, :], q_pos, k_pos, window))
+    return outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)  # [T, H*Dh]
+
+
+def attention_block(xp, q, k, v, q_pos, k_pos, window):
+    """Scaled dot-product attention of queries q [T, H, Dh] over k, v [Hkv, S, Dh], grouped-query style.
+
+    Query head h reads key/value head h // G, so the G query heads of a group are stacked as
+    extra rows of one matrix product instead of copying the keys G times. The work here is
+    passes over the [T, S] score rows, so two are saved: q is scaled before the product
+    (T x Dh values instead of T x S), and the softmax's division by its sum is applied to the
+    [T, Dh] output rather than to the [T, S] weights (flash attention normalises the same way).
+    """
+    T, H, Dh = q.shape
+    Hkv, S, _ = k.shape
+    G = H // Hkv
+    q = xp.reshape(xp.permute_dims(q, (1, 0, 2)), (Hkv, G * T, Dh)) * (1.0 / math.sqrt(Dh))  # [Hkv, G*T, Dh]
+    scores = xp.reshape(q @ xp.matrix_transpose(k), (Hkv, G, T, S))  # [Hkv, G, T, S]
+    if T > 1:  # a single query (decoding) sees every key of its slice: attention() cut it so
+        visible = k_pos[None, :] <= q_pos[:, None]  # [T, S] causal: never a later position
+        if window is not None:
+            visible = visible & (q_pos[:, None] - k_pos[None, :] < window)  # only the last `window` keys
+        # -inf, not a large negative number: exp(-inf) is exactly 0, so hidden keys get no weight at all.
+        scores = xp.where(visible, scores, -math.inf)
+    # Softmax, its division postponed: subtract the row maximum so exp never overflows.
+    weights = xp.exp(scores - xp.max(scores, axis=-1, keepdims=True))  # [Hkv, G, T, S]
+    total = xp.reshape(xp.sum(weights, axis=-1, keepdims=True), (Hkv, G * T, 1))
+    out = (xp.reshape(weights, (Hkv, G * T, S)) @ v) / total  # [Hkv, G*T, Dh]
+    out = xp.reshape(out, (H, T, Dh))
+    return xp.reshape(xp.permute_dims(out, (1, 0, 2)), (T, H * Dh))  # [T, H*Dh]
