@@ -338,14 +338,38 @@ def check_config_file(name, folder):
         assert rope["rope_type"] == "llama3" and rope["factor"] == 8.0, rope
 
 
-def make_tiny_models():
+def family_modules():
+    """golden/families/<family>.py: each family beyond the Llama family adds its tiny models there, as
+    MODELS = {name: (config, disk dtype, first seed)} and check(name, model, cases, folder), which
+    asserts that the model exercises what it is meant to (a window shorter than the prompts, a
+    soft-cap that is reached, experts routed differently per token, ...)."""
+    import importlib.util
+
+    modules = []
+    for path in sorted((GOLDEN / "families").glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"golden_family_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        modules.append(module)
+    return modules
+
+
+def make_tiny_models(only=None):
     for name, (config, disk_dtype, first_seed) in TINY_MODELS.items():
+        if only and name not in only:
+            continue
         model, cases = make_tiny_model(name, config, disk_dtype, first_seed)
         check_config_file(name, GOLDEN / "tiny" / name)
         if name == "llama-rope-scaling":
             check_llama3_bands(model.config)
         if name == "mistral-sliding-window":
             check_sliding_window(model, cases, model.config.sliding_window)
+    for family in family_modules():
+        for name, (config, disk_dtype, first_seed) in family.MODELS.items():
+            if only and name not in only:
+                continue
+            model, cases = make_tiny_model(name, config, disk_dtype, first_seed)
+            family.check(name, model, cases, GOLDEN / "tiny" / name)
 
 
 # ---------------------------------------------------------------- C. RoPE inverse frequencies
@@ -377,6 +401,10 @@ def make_rope_frequencies():
 
 def main():
     start = time.perf_counter()
+    if sys.argv[1:2] == ["--only"]:  # e.g. --only gpt2 gemma2: just these tiny models
+        make_tiny_models(only=set(sys.argv[2:]))
+        print(f"done in {time.perf_counter() - start:.0f} s")
+        return
     make_rope_frequencies()
     print("tiny random models:")
     make_tiny_models()
