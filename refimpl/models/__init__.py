@@ -1,20 +1,36 @@
 """The model families, keyed by config.json's `model_type`, and the two calls the rest of refimpl makes.
 
-Each family is one module of this package that owns everything particular to it: the config
+Each family is one module of this package (found by discover_families; it lists the model_types
+it serves in MODEL_TYPES) that owns everything particular to it: the config
 fields it reads (its Config class, with from_dict), the tensors its checkpoint holds (expected_shapes), how it
 lays them out (load_weights), and its forward pass. The engine and generation call only
 `load_model` and `forward(model, tokens, caches, all_logits)`, whatever the family.
 """
 
+import importlib
+import pkgutil
 from dataclasses import dataclass
 
 from refimpl.config import ConfigError, read_config
 from refimpl.kv_cache import KVCache
-from refimpl.models import llama
 from refimpl.weights import read_checkpoint
 from refimpl.xp import keep_freed_memory, namespace
 
-FAMILIES = {model_type: family for family in (llama,) for model_type in family.MODEL_TYPES}
+
+def discover_families():
+    """model_type -> family module, from every module of this package (each lists its MODEL_TYPES)."""
+    families = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        family = importlib.import_module(f"{__name__}.{info.name}")
+        for model_type in family.MODEL_TYPES:
+            if model_type in families:
+                raise RuntimeError(f"model_type {model_type!r} is claimed by {families[model_type].__name__} "
+                                   f"and {family.__name__}")
+            families[model_type] = family
+    return families
+
+
+FAMILIES = discover_families()
 
 
 @dataclass
