@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from refimpl.config import ConfigError
-from refimpl.models import family_of
+from refimpl.models import FAMILIES, family_of
 from refimpl.models.llama import LlamaConfig as ModelConfig
 from refimpl.ops import rope_inverse_frequencies
 
@@ -123,6 +123,17 @@ def test_rope_inverse_frequencies_are_correctly_rounded(theta, dim):
             exact = 1 / Decimal(theta) ** Decimal(float(e))
             neighbours = [f, np.nextafter(f, np.float32(0)), np.nextafter(f, np.float32(np.inf))]
             assert min(neighbours, key=lambda c: abs(Decimal(float(c)) - exact)) == f, (f, exact)
+
+
+def test_every_family_module_serves_the_model_types_the_registry_gives_it():
+    import importlib
+    import pkgutil
+
+    import refimpl.models
+
+    for info in pkgutil.iter_modules(refimpl.models.__path__):
+        family = importlib.import_module(f"refimpl.models.{info.name}")
+        assert sorted(family.MODEL_TYPES) == sorted(t for t, m in FAMILIES.items() if m == info.name), info.name
 
 
 def test_the_family_is_chosen_by_model_type_alone_and_unknown_types_are_refused_by_name():

@@ -1,14 +1,13 @@
 """The model families, keyed by config.json's `model_type`, and the two calls the rest of refimpl makes.
 
-Each family is one module of this package (found by discover_families; it lists the model_types
-it serves in MODEL_TYPES) that owns everything particular to it: the config
+Each family is one module of this package (listed in FAMILIES by the model_types it serves, which
+it also names in its MODEL_TYPES) that owns everything particular to it: the config
 fields it reads (its Config class, with from_dict), the tensors its checkpoint holds (expected_shapes), how it
 lays them out (load_weights), and its forward pass. The engine and generation call only
 `load_model` and `forward(model, tokens, caches, all_logits)`, whatever the family.
 """
 
 import importlib
-import pkgutil
 from dataclasses import dataclass
 
 from refimpl.config import ConfigError, read_config
@@ -17,20 +16,13 @@ from refimpl.weights import read_checkpoint
 from refimpl.xp import keep_freed_memory, namespace
 
 
-def discover_families():
-    """model_type -> family module, from every module of this package (each lists its MODEL_TYPES)."""
-    families = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        family = importlib.import_module(f"{__name__}.{info.name}")
-        for model_type in family.MODEL_TYPES:
-            if model_type in families:
-                raise RuntimeError(f"model_type {model_type!r} is claimed by {families[model_type].__name__} "
-                                   f"and {family.__name__}")
-            families[model_type] = family
-    return families
-
-
-FAMILIES = discover_families()
+# model_type -> the module of this package that implements it. A module is imported when a model
+# of its family is loaded, so a family's file is read only by those who use it.
+FAMILIES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+}
 
 
 @dataclass
@@ -49,7 +41,7 @@ def family_of(config):
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
         raise ConfigError(f"model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
-    return FAMILIES[model_type]
+    return importlib.import_module(f"{__name__}.{FAMILIES[model_type]}")
 
 
 def load_config(path):
