@@ -236,7 +236,7 @@ def redraw_parameters(model, seed):
     """Replace HF's near-zero init with weights that make every flag matter."""
     generator = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():  # tied embeddings appear once
-        if name.endswith("norm.weight"):
+        if name.endswith("norm.weight") or name.split(".")[-2].startswith("ln_"):  # RMSNorm / LayerNorm gains
             values = 1 + NORM_STD * torch.randn(p.shape, generator=generator)
         elif name.endswith(".bias"):
             values = BIAS_STD * torch.randn(p.shape, generator=generator)
