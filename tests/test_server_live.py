@@ -43,6 +43,7 @@ def test_models_and_health(server, client):
     models = client.models.list()
     assert [m.id for m in models.data] == ["SmolLM2-135M-Instruct"]
     assert client.models.retrieve("SmolLM2-135M-Instruct").id == "SmolLM2-135M-Instruct"
+    assert models.data[0].architecture == "llama" and models.data[0].max_model_len == 8192  # the family, the context
     health = requests.get(f"{server.base}/health", timeout=10)
     assert health.status_code == 200 and health.json() == {"status": "ok", "model": "SmolLM2-135M-Instruct"}
 

@@ -29,7 +29,9 @@ STATIC = Path(__file__).parent / "static"
 
 
 def model_entry(model):
-    return {"id": model.model_id, "object": "model", "created": STARTED, "owned_by": "refimpl"}
+    config = model.engine.model.config
+    return {"id": model.model_id, "object": "model", "created": STARTED, "owned_by": "refimpl",
+            "architecture": config.model_type, "max_model_len": config.max_position_embeddings}
 
 
 @blp.route("/v1/models", methods=["GET"])

@@ -409,6 +409,9 @@ class Model(ResponseSchema):
     object = req(fields.String)
     created = req(fields.Integer)
     owned_by = req(fields.String)
+    architecture = req(fields.String, metadata={"description": "config.json's model_type: the model's family "
+                                                               "(llama, mistral, qwen2, ...)."})
+    max_model_len = req(fields.Integer, metadata={"description": "The context window, in tokens (as vLLM reports it)."})
 
 
 class ModelList(ResponseSchema):
