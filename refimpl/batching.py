@@ -11,7 +11,7 @@ Dimension letters as in ops.py; B sequences.
 import math
 from dataclasses import dataclass
 
-from refimpl.ops import attention
+from refimpl.ops import attention, soft_cap
 
 
 @dataclass
@@ -39,19 +39,20 @@ class Batch:
         return xp.take(x, xp.asarray([hi - 1 for _, hi, _ in self.spans]), axis=0)
 
 
-def attend(xp, batch, layer, q, k, v, window):
+def attend(xp, batch, layer, q, k, v, window, scale=None, softcap=None):
     """Write each sequence's new keys and values k, v [N, Hkv, Dh] into its cache at `layer`, then
-    attend its queries q [N, H, Dh] to everything its cache holds; returns [N, H*Dh]."""
+    attend its queries q [N, H, Dh] to everything its cache holds; returns [N, H*Dh].
+    `scale` and `softcap` as in ops.attention (None: 1/sqrt(Dh), no cap)."""
     # Rows lo..hi-1 belong to the sequence whose cache this is; each writes its new keys and values.
     kv = [cache.write(xp, layer, cache.length, k[lo:hi, ...], v[lo:hi, ...]) for lo, hi, cache in batch.spans]
     if len(batch.spans) > 1 and q.shape[0] == len(batch.spans):  # every sequence decodes one token
-        return decode_attention(xp, q, [keys for keys, _ in kv], [values for _, values in kv], window)
-    outs = [attention(xp, q[lo:hi, ...], keys, values, cache.length, window)
+        return decode_attention(xp, q, [keys for keys, _ in kv], [values for _, values in kv], window, scale, softcap)
+    outs = [attention(xp, q[lo:hi, ...], keys, values, cache.length, window, scale, softcap)
             for (lo, hi, cache), (keys, values) in zip(batch.spans, kv)]
     return outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)  # [N, H*Dh]
 
 
-def decode_attention(xp, q, keys, values, window):
+def decode_attention(xp, q, keys, values, window, scale=None, softcap=None):
     """Attention for B sequences that each decode one token, as one batch instead of B small ones.
 
     q [B, H, Dh]; keys[b], values[b] [Hkv, S_b, Dh] hold sequence b's keys up to and including
@@ -69,8 +70,11 @@ def decode_attention(xp, q, keys, values, window):
     for b, (k, v) in enumerate(zip(keys, values)):
         K[b, :, :k.shape[1], :] = k
         V[b, :, :v.shape[1], :] = v
-    q = xp.reshape(q, (B, Hkv, G, Dh)) * (1.0 / math.sqrt(Dh))
+    scale = (1.0 / math.sqrt(Dh)) if scale is None else scale
+    q = xp.reshape(q, (B, Hkv, G, Dh)) * scale
     scores = q @ xp.matrix_transpose(K)  # [B, Hkv, G, S]
+    if softcap is not None:  # Gemma 2: capped before the padding mask, as in ops.attention_block
+        scores = soft_cap(xp, scores, softcap)
     real = xp.arange(S)[None, :] < xp.asarray(lengths)[:, None]  # [B, S]: not padding
     scores = xp.where(real[:, None, None, :], scores, -math.inf)
     weights = xp.exp(scores - xp.max(scores, axis=-1, keepdims=True))

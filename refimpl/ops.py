@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from refimpl.xp import to_numpy
+
 # ---------------------------------------------------------------- norms and activations
 
 
@@ -90,9 +92,13 @@ def rope(xp, x, cos, sin):
 QUERY_BLOCK = 128
 
 
-def attention(xp, q, k, v, start, window):
+def attention(xp, q, k, v, start, window, scale=None, softcap=None):
     """Causal attention of one sequence's queries q [T, H, Dh], at positions start..start+T-1,
-    over its keys and values k, v [Hkv, S, Dh] at positions 0..S-1 (S = start + T)."""
+    over its keys and values k, v [Hkv, S, Dh] at positions 0..S-1 (S = start + T).
+
+    `scale` multiplies the scores (None: 1/sqrt(Dh)); `softcap`, when set, bounds them smoothly
+    to (-softcap, softcap) before the mask (Gemma 2). Both None: plain scaled dot-product attention.
+    """
     T = q.shape[0]
     outs = []
     for i in range(0, T, QUERY_BLOCK):
@@ -100,11 +106,12 @@ def attention(xp, q, k, v, start, window):
         k_lo = 0 if window is None else max(0, start + i - window + 1)  # first key any query here sees
         k_hi = start + j  # one past the last key the last query here sees
         q_pos, k_pos = xp.arange(start + i, start + j), xp.arange(k_lo, k_hi)
-        outs.append(attention_block(xp, q[i:j, ...], k[:, k_lo:k_hi, :], v[:, k_lo:k_hi, :], q_pos, k_pos, window))
+        outs.append(attention_block(xp, q[i:j, ...], k[:, k_lo:k_hi, :], v[:, k_lo:k_hi, :], q_pos, k_pos, window,
+                                    scale, softcap))
     return outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)  # [T, H*Dh]
 
 
-def attention_block(xp, q, k, v, q_pos, k_pos, window):
+def attention_block(xp, q, k, v, q_pos, k_pos, window, scale=None, softcap=None):
     """Scaled dot-product attention of queries q [T, H, Dh] over k, v [Hkv, S, Dh], grouped-query style.
 
     Query head h reads key/value head h // G, so the G query heads of a group are stacked as
@@ -116,8 +123,11 @@ def attention_block(xp, q, k, v, q_pos, k_pos, window):
     T, H, Dh = q.shape
     Hkv, S, _ = k.shape
     G = H // Hkv
-    q = xp.reshape(xp.permute_dims(q, (1, 0, 2)), (Hkv, G * T, Dh)) * (1.0 / math.sqrt(Dh))  # [Hkv, G*T, Dh]
+    scale = (1.0 / math.sqrt(Dh)) if scale is None else scale
+    q = xp.reshape(xp.permute_dims(q, (1, 0, 2)), (Hkv, G * T, Dh)) * scale  # [Hkv, G*T, Dh]
     scores = xp.reshape(q @ xp.matrix_transpose(k), (Hkv, G, T, S))  # [Hkv, G, T, S]
+    if softcap is not None:  # Gemma 2: capped before the mask, as transformers does
+        scores = soft_cap(xp, scores, softcap)
     if T > 1:  # a single query (decoding) sees every key of its slice: attention() cut it so
         visible = k_pos[None, :] <= q_pos[:, None]  # [T, S] causal: never a later position
         if window is not None:
@@ -130,3 +140,70 @@ def attention_block(xp, q, k, v, q_pos, k_pos, window):
     out = (xp.reshape(weights, (Hkv, G * T, S)) @ v) / total  # [Hkv, G*T, Dh]
     out = xp.reshape(out, (H, T, Dh))
     return xp.reshape(xp.permute_dims(out, (1, 0, 2)), (T, H * Dh))  # [T, H*Dh]
+
+
+# ---------------------------------------------------------------- LayerNorm and GELU (GPT-2 and others)
+
+
+def layer_norm(xp, x, weight, bias, eps):
+    # Unlike RMSNorm, subtract each row's mean first; the variance is the biased one (divide by D),
+    # as torch.nn.LayerNorm computes it. Then a learned gain and a learned bias.
+    centred = x - xp.mean(x, axis=-1, keepdims=True)  # [N, D]
+    return centred * (1.0 / xp.sqrt(xp.mean(centred * centred, axis=-1, keepdims=True) + eps)) * weight + bias
+
+
+def gelu_tanh(xp, x):
+    """GELU with the tanh approximation, x * Phi(x) ~ 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))):
+    OpenAI GPT-2's formula, Hugging Face's "gelu_new" (and "gelu_pytorch_tanh")."""
+    return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
+
+
+# ---------------------------------------------------------------- soft-capping (Gemma 2)
+
+
+def soft_cap(xp, x, cap):
+    """cap * tanh(x / cap): about x while |x| << cap, never beyond +-cap. Gemma 2 bounds its attention
+    scores and its output logits this way so that no single value can dominate a softmax."""
+    return cap * xp.tanh(x / cap)
+
+
+# ---------------------------------------------------------------- mixture of experts (Qwen3-MoE, Mixtral)
+
+
+def moe_mlp(xp, x, router, gate_up, down, top_k, renormalize, act):
+    """A sparse mixture of E gated-MLP experts: each token x [N, D] goes to the top_k experts its
+    softmax router scores highest and gets their outputs, weighted by those probabilities.
+
+    router [D, E]; gate_up [E, D, 2F] (each expert's gate and up side by side) and down [E, F, D],
+    stored [in, out] like every projection. `renormalize` rescales a token's top_k probabilities
+    to sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob); otherwise they stay shares of all E.
+
+    Each expert runs only on the tokens routed to it: the N*top_k (token, slot) pairs are sorted
+    by expert, so expert e reads its tokens as one contiguous block of rows and computes them in
+    one product; the outputs are put back in pair order and summed per token, slot 0 first,
+    whatever else is in the batch.
+    """
+    N, D = x.shape
+    E, F = gate_up.shape[0], down.shape[1]
+    logits = x @ router  # [N, E]
+    probs = xp.exp(logits - xp.max(logits, axis=-1, keepdims=True))
+    probs = probs / xp.sum(probs, axis=-1, keepdims=True)  # [N, E] softmax over all experts
+    # A stable descending sort: on an exact tie the lower expert id comes first.
+    chosen = xp.argsort(probs, axis=-1, descending=True, stable=True)[:, :top_k]  # [N, k]
+    weights = xp.take_along_axis(probs, chosen, axis=-1)  # [N, k]
+    if renormalize:
+        weights = weights / xp.sum(weights, axis=-1, keepdims=True)
+    pairs = xp.reshape(chosen, (N * top_k,))  # [N*k] the expert of pair (token n, slot j) at n*k + j
+    order = xp.argsort(pairs, stable=True)  # [N*k] pair indices, grouped by expert
+    h = xp.take(x, order // top_k, axis=0)  # [N*k, D] each pair's token, in that order
+    # The loop below slices by Python ints: one small copy of the routing to the host per call.
+    counts = np.bincount(to_numpy(pairs), minlength=E)  # [E] how many tokens chose each expert
+    outs, lo = [], 0
+    for e in range(E):
+        n = int(counts[e])
+        if n:
+            g = h[lo:lo + n, :] @ gate_up[e, ...]  # [n, 2F]: gate and up side by side
+            outs.append((act(xp, g[:, :F]) * g[:, F:]) @ down[e, ...])  # [n, D]
+        lo += n
+    y = xp.take(xp.concat(outs, axis=0), xp.argsort(order), axis=0)  # [N*k, D] back in pair order
+    return xp.sum(xp.reshape(y, (N, top_k, D)) * weights[:, :, None], axis=1)  # [N, D]

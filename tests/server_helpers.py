@@ -40,7 +40,8 @@ def tiny_model_dir(dst, context=None, source="llama-untied"):
     for name in ("generation_config.json", "model.safetensors"):
         shutil.copy(TINY_SOURCE / name, dst / name)
     config = json.loads((TINY_SOURCE / "config.json").read_text())
-    config["max_position_embeddings"] = context or config["max_position_embeddings"]
+    if context:  # GPT-2 calls its context n_positions
+        config["n_positions" if "n_positions" in config else "max_position_embeddings"] = context
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     vocab_size = config["vocab_size"]
     vocab = {token: i for i, token in enumerate(SPECIALS)}

@@ -22,6 +22,14 @@ FAMILIES = {
     "llama": "llama",
     "mistral": "llama",
     "qwen2": "llama",
+    "phi3": "phi3",
+    "qwen3": "llama",
+    "qwen3_moe": "qwen3_moe",
+    "gemma2": "gemma",
+    "gemma3_text": "gemma",
+    "olmo2": "olmo2",
+    "mixtral": "mixtral",
+    "gpt2": "gpt2",
 }
 
 

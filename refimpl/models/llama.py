@@ -1,16 +1,19 @@
-"""The Llama family (Llama, Mistral, Qwen2): token ids in, next-token logits out.
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3): token ids in, next-token logits out.
 
 One network with flags. A token meets, in order: its embedding; per block, RMSNorm -> attention
 with rotary positions -> residual, RMSNorm -> SwiGLU MLP -> residual; a final RMSNorm and the
 output head. What tells the members apart is read from config.json into named flags:
 
-  model_type            llama | mistral | qwen2
-  qkv_bias              biases on q/k/v projections: `attention_bias` (Llama), always for Qwen2
-  o_bias                bias on the output projection: `attention_bias` (Llama only)
+  model_type            llama | mistral | qwen2 | qwen3
+  qkv_bias              biases on q/k/v projections: `attention_bias` (Llama, Qwen3), always for Qwen2
+  o_bias                bias on the output projection: `attention_bias` (Llama, Qwen3)
   mlp_bias              biases on gate/up/down projections (`mlp_bias`, Llama)
+  qk_norm               an RMSNorm over each head's Dh values of q and of k, before RoPE, with
+                        learned gains self_attn.q_norm / k_norm [Dh] shared by all heads (Qwen3)
   tie_word_embeddings   the output head reuses the token embedding matrix
-  sliding_window        each token attends to at most this many keys (Mistral; Qwen2 only when
-                        `use_sliding_window` is true); None means full causal attention
+  sliding_window        each token attends to at most this many keys (Mistral; Qwen2 and Qwen3
+                        only when `use_sliding_window` is true, in the layers `layer_types` or
+                        `max_window_layers` say); None means full causal attention
   rope_scaling          None, or the llama3 frequency rescaling (Llama 3.1+)
 
 Several sequences share one call (refimpl/batching.py): their tokens are stacked into one [N, D]
@@ -28,7 +31,7 @@ from refimpl.batching import Batch, attend
 from refimpl.config import ConfigError, rope_parameters
 from refimpl.ops import gated_mlp, linear, rms_norm, rope, rope_cos_sin, rope_inverse_frequencies, silu
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 # ---------------------------------------------------------------- config.json
@@ -52,6 +55,7 @@ class LlamaConfig:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
+    qk_norm: bool
     sliding_window: int | None
     bos_token_id: int | None
     eos_token_id: int | list | None
@@ -82,8 +86,9 @@ class LlamaConfig:
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             # Qwen2's modeling code always puts biases on q, k and v, and none on o.
             qkv_bias=attention_bias or model_type == "qwen2",
-            o_bias=attention_bias and model_type == "llama",
+            o_bias=attention_bias and model_type in ("llama", "qwen3"),
             mlp_bias=bool(c.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
             sliding_window=sliding_window(c, model_type),
             bos_token_id=c.get("bos_token_id"),
             eos_token_id=c.get("eos_token_id"),
@@ -96,20 +101,26 @@ Config = LlamaConfig  # the name the registry (models/__init__.py) looks for
 def sliding_window(c, model_type):
     """The attention window shared by every layer, or None for full causal attention."""
     window = c.get("sliding_window")
-    if model_type == "qwen2" and not c.get("use_sliding_window", False):
-        window = None  # Qwen2 configs carry a window that is used only when use_sliding_window is set
-    if model_type == "qwen2" and window is not None:
-        # Qwen2 slides the window only in layers from max_window_layers on.
-        first = c.get("max_window_layers", 0)
+    qwen = model_type in ("qwen2", "qwen3")
+    if qwen and not c.get("use_sliding_window", False):
+        window = None  # Qwen configs carry a window that is used only when use_sliding_window is set
+    kinds = set(c.get("layer_types") or [])
+    if qwen and window is not None and not kinds:
+        # Without layer_types, Qwen slides the window only in layers from max_window_layers on
+        # (transformers derives layer_types so, and then reads only layer_types).
+        first = c.get("max_window_layers", 28)  # transformers' Qwen2Config and Qwen3Config default
         if first >= c["num_hidden_layers"]:
             window = None
         elif first > 0:
-            raise ConfigError("Qwen2 with sliding attention in only some layers (max_window_layers) is not supported")
-    kinds = set(c.get("layer_types") or [])
+            raise ConfigError(f"{model_type} with sliding attention in only some layers (max_window_layers) "
+                              "is not supported")
     if len(kinds) > 1:
         raise ConfigError(f"layers of different attention kinds {sorted(kinds)} (layer_types) are not supported")
     if kinds == {"full_attention"}:
         window = None
+    if qwen and kinds == {"sliding_attention"} and window is None:
+        # transformers' Qwen refuses this too: sliding layers with no window (or use_sliding_window off)
+        raise ConfigError("layer_types names sliding_attention layers, but no sliding_window is in use")
     return window
 
 
@@ -138,6 +149,8 @@ def expected_shapes(cfg):
         layer["self_attn.o_proj.bias"] = (D,)
     if cfg.mlp_bias:
         layer |= {"mlp.gate_proj.bias": (F,), "mlp.up_proj.bias": (F,), "mlp.down_proj.bias": (D,)}
+    if cfg.qk_norm:
+        layer |= {"self_attn.q_norm.weight": (Dh,), "self_attn.k_norm.weight": (Dh,)}
     shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
     for i in range(cfg.num_hidden_layers):
         shapes |= {f"model.layers.{i}.{name}": shape for name, shape in layer.items()}
@@ -211,6 +224,10 @@ def self_attention(xp, cfg, w, layer, x, cos, sin, batch):
     q = xp.reshape(qkv[:, :H * Dh], (N, H, Dh))
     k = xp.reshape(qkv[:, H * Dh:(H + Hkv) * Dh], (N, Hkv, Dh))
     v = xp.reshape(qkv[:, (H + Hkv) * Dh:], (N, Hkv, Dh))
+    if cfg.qk_norm:  # Qwen3: each head's q and k scaled to unit RMS (learned gains [Dh] shared by the
+        # heads), so that no attention score grows large however large the block input grows
+        q = rms_norm(xp, q, w["self_attn.q_norm.weight"], cfg.rms_norm_eps)  # [N, H, Dh]
+        k = rms_norm(xp, k, w["self_attn.k_norm.weight"], cfg.rms_norm_eps)  # [N, Hkv, Dh]
     q, k = rope(xp, q, cos, sin), rope(xp, k, cos, sin)
     out = attend(xp, batch, layer, q, k, v, cfg.sliding_window)  # [N, H*Dh]
     return linear(out, w, "self_attn.o_proj", cfg.o_bias)  # [N, D]

@@ -1,0 +1,205 @@
+"""The GPT-2 family: token ids in, next-token logits out.
+
+A token meets, in order: its embedding plus a learned embedding of its position (wpe; there is
+no rotary embedding); per block, LayerNorm -> attention -> residual, LayerNorm -> GELU MLP ->
+residual; a final LayerNorm and the output head, which is the token embedding matrix itself.
+
+What is new against the Llama family (refimpl/models/llama.py):
+  - LayerNorm (subtract the mean, then a gain and a bias) instead of RMSNorm;
+  - absolute positions: a learned [n_positions, D] table added to the input, so the context can
+    never be longer than n_positions;
+  - GELU with the tanh approximation, in a plain (not gated) MLP four times as wide as D;
+  - q, k and v come from one fused projection, c_attn, and every projection has a bias;
+  - the checkpoint stores projections as Conv1D, weight [in, out]: `x @ W` needs no transpose.
+
+The config.json fields it reads (GPT-2's own names; the attributes the rest of refimpl reads,
+such as num_hidden_layers and max_position_embeddings, are derived from them):
+
+  n_embd, n_layer, n_head, n_inner     D, layers, H (= Hkv), F (n_inner, or 4 D when null)
+  n_positions                          the context length: rows of the position table wpe
+  vocab_size, layer_norm_epsilon
+  activation_function                  must be "gelu_new" (the tanh approximation)
+  scale_attn_weights                   must be true: scores are scaled by 1/sqrt(Dh)
+  scale_attn_by_inverse_layer_idx,     must be false (not implemented)
+  reorder_and_upcast_attn,
+  add_cross_attention
+  tie_word_embeddings                  must be true: GPT2LMHeadModel's head is wte
+  bos_token_id, eos_token_id
+
+Dimension letters as in ops.py: N tokens in this call, D width, H heads, Dh head width,
+F feed-forward width, V vocabulary, P positions (n_positions), B sequences.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from refimpl.batching import Batch, attend
+from refimpl.config import ConfigError
+from refimpl.ops import gelu_tanh, layer_norm, linear
+
+MODEL_TYPES = ("gpt2",)
+
+
+# ---------------------------------------------------------------- config.json
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    model_type: str
+    vocab_size: int  # V
+    hidden_size: int  # D (n_embd)
+    intermediate_size: int  # F (n_inner, or 4 D)
+    num_hidden_layers: int  # L (n_layer)
+    num_attention_heads: int  # H (n_head)
+    num_key_value_heads: int  # = H: every query head has its own keys and values
+    head_dim: int  # Dh = D / H
+    layer_norm_epsilon: float
+    max_position_embeddings: int  # P (n_positions): the KV cache and generation read this name
+    tie_word_embeddings: bool  # always True
+    bos_token_id: int | None
+    eos_token_id: int | list | None
+
+    @classmethod
+    def from_dict(cls, c):
+        if c.get("model_type") not in MODEL_TYPES:
+            raise ConfigError(f"model_type {c.get('model_type')!r} is not a GPT-2 type ({', '.join(MODEL_TYPES)})")
+        if c.get("activation_function", "gelu_new") != "gelu_new":
+            raise ConfigError(f"activation_function {c['activation_function']!r} is not supported (only gelu_new)")
+        if not c.get("scale_attn_weights", True):
+            raise ConfigError("scale_attn_weights false (unscaled attention scores) is not supported")
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+            if c.get(flag, False):
+                raise ConfigError(f"{flag} true is not supported")
+        if not c.get("tie_word_embeddings", True):
+            raise ConfigError("tie_word_embeddings false is not supported (GPT-2's head is its token embedding)")
+        D, H = c["n_embd"], c["n_head"]
+        if D % H:
+            raise ConfigError(f"n_embd {D} is not a multiple of n_head {H}")
+        return cls(
+            model_type=c["model_type"],
+            vocab_size=c["vocab_size"],
+            hidden_size=D,
+            intermediate_size=c.get("n_inner") or 4 * D,
+            num_hidden_layers=c["n_layer"],
+            num_attention_heads=H,
+            num_key_value_heads=H,
+            head_dim=D // H,
+            layer_norm_epsilon=c["layer_norm_epsilon"],
+            max_position_embeddings=c["n_positions"],
+            tie_word_embeddings=True,
+            bos_token_id=c.get("bos_token_id"),
+            eos_token_id=c.get("eos_token_id"),
+        )
+
+
+Config = GPT2Config  # the name the registry (models/__init__.py) looks for
+
+
+# ---------------------------------------------------------------- the checkpoint
+
+
+def expected_shapes(cfg):
+    """Every tensor name the config implies, with its shape, as GPT2LMHeadModel saves them.
+
+    Conv1D weights are [in, out], the transpose of nn.Linear's. The tied head (lm_head.weight) is
+    not saved. transformers 5 saves no `attn.bias` / `attn.masked_bias` mask buffers (older
+    checkpoints that hold them are refused by name, as unexpected tensors).
+    """
+    D, F, V, P = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.max_position_embeddings
+    layer = {
+        "ln_1.weight": (D,), "ln_1.bias": (D,),
+        "attn.c_attn.weight": (D, 3 * D), "attn.c_attn.bias": (3 * D,),  # q, k, v side by side
+        "attn.c_proj.weight": (D, D), "attn.c_proj.bias": (D,),
+        "ln_2.weight": (D,), "ln_2.bias": (D,),
+        "mlp.c_fc.weight": (D, F), "mlp.c_fc.bias": (F,),
+        "mlp.c_proj.weight": (F, D), "mlp.c_proj.bias": (D,),
+    }
+    shapes = {"transformer.wte.weight": (V, D), "transformer.wpe.weight": (P, D),
+              "transformer.ln_f.weight": (D,), "transformer.ln_f.bias": (D,)}
+    for i in range(cfg.num_hidden_layers):
+        shapes |= {f"transformer.h.{i}.{name}": shape for name, shape in layer.items()}
+    return shapes
+
+
+@dataclass
+class GPT2Weights:
+    wpe: object  # [P, D] one learned vector per position
+    layers: list  # one dict per block: "attn.c_attn.weight" -> array [D, 3D], ...
+    ln_f: tuple  # (weight [D], bias [D])
+    lm_head: object  # [D, V]: wte transposed; token t's embedding is column t
+
+
+def load_weights(tensors, cfg, xp):
+    """The checked checkpoint tensors (name -> NumPy array, see weights.py), on the device.
+
+    Unlike Llama's nn.Linear [out, in] matrices, GPT-2's Conv1D weights are already [in, out],
+    the layout `x @ W` reads fastest, so a block's tensors are used exactly as stored.
+    """
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        prefix = f"transformer.h.{i}."
+        layers.append({n[len(prefix):]: xp.asarray(tensors.pop(n)) for n in list(tensors) if n.startswith(prefix)})
+    # The head is the token embedding, kept once, as [D, V] for the largest product of a step
+    # (see llama.load_weights); embedding a few tokens reads columns of it.
+    lm_head = xp.asarray(np.ascontiguousarray(tensors.pop("transformer.wte.weight").T))
+    ln_f = (xp.asarray(tensors.pop("transformer.ln_f.weight")), xp.asarray(tensors.pop("transformer.ln_f.bias")))
+    return GPT2Weights(xp.asarray(tensors.pop("transformer.wpe.weight")), layers, ln_f, lm_head)
+
+
+# ---------------------------------------------------------------- the forward pass
+
+
+def embed(xp, W, ids, positions):
+    """Token embedding plus position embedding: ids, positions [N] -> [N, D]."""
+    tokens = xp.permute_dims(xp.take(W.lm_head, ids, axis=1), (1, 0))  # [N, D]: columns of the tied head
+    return tokens + xp.take(W.wpe, positions, axis=0)  # [N, D]
+
+
+def self_attention(xp, cfg, w, layer, x, batch):
+    """Project to q, k, v with one fused matrix, attend over each sequence's cache, project back."""
+    N, H, Dh = x.shape[0], cfg.num_attention_heads, cfg.head_dim
+    qkv = linear(x, w, "attn.c_attn", True)  # [N, 3 H Dh]: q, k, v side by side
+    q = xp.reshape(qkv[:, :H * Dh], (N, H, Dh))
+    k = xp.reshape(qkv[:, H * Dh:2 * H * Dh], (N, H, Dh))
+    v = xp.reshape(qkv[:, 2 * H * Dh:], (N, H, Dh))
+    out = attend(xp, batch, layer, q, k, v, None)  # [N, H*Dh]; full causal attention, scaled by 1/sqrt(Dh)
+    return linear(out, w, "attn.c_proj", True)  # [N, D]
+
+
+def mlp(xp, w, x):
+    """The plain (ungated) MLP: c_proj(gelu(c_fc(x)))."""
+    return linear(gelu_tanh(xp, linear(x, w, "mlp.c_fc", True)), w, "mlp.c_proj", True)  # [N, F] -> [N, D]
+
+
+def block(xp, cfg, w, layer, x, batch):
+    """One transformer block with pre-normalisation and residual connections."""
+    eps = cfg.layer_norm_epsilon
+    x = x + self_attention(xp, cfg, w, layer, layer_norm(xp, x, w["ln_1.weight"], w["ln_1.bias"], eps), batch)
+    return x + mlp(xp, w, layer_norm(xp, x, w["ln_2.weight"], w["ln_2.bias"], eps))
+
+
+def forward(model, tokens, caches, all_logits=False):
+    """Run new tokens of one or more sequences through the model, extending their caches.
+
+    tokens: one list of token ids per sequence; caches: that sequence's KVCache, whose `length`
+    says how many positions came before. Returns logits [B, V] for the last token of each
+    sequence, or [N, V] for every token when `all_logits` (scoring a prompt).
+    """
+    xp, cfg, W = model.xp, model.config, model.weights
+    for seq, cache in zip(tokens, caches):  # wpe has no row for a later position
+        if cache.length + len(seq) > cfg.max_position_embeddings:
+            raise ValueError(f"position {cache.length + len(seq) - 1} is past GPT-2's n_positions "
+                             f"({cfg.max_position_embeddings})")
+    batch = Batch.of(xp, tokens, caches)
+    ids = xp.asarray([t for seq in tokens for t in seq], dtype=xp.int64)  # [N]
+
+    x = embed(xp, W, ids, batch.positions)  # [N, D]
+    for layer, w in enumerate(W.layers):
+        x = block(xp, cfg, w, layer, x, batch)
+    batch.advance()
+
+    if not all_logits:  # only the last position of each sequence predicts its next token
+        x = batch.last_rows(xp, x)  # [B, D]
+    x = layer_norm(xp, x, *W.ln_f, cfg.layer_norm_epsilon)
+    return x @ W.lm_head  # [B, V] or [N, V]
