@@ -107,24 +107,27 @@ class PrefixCache:
 
     def __init__(self, max_tokens):
         self.max_tokens = max_tokens
-        self.entries = OrderedDict()  # tuple(prompt ids) -> KVCache whose first len(prompt) positions hold it
+        self.entries = OrderedDict()  # (cache kind, prompt ids) -> KVCache whose first len(prompt) positions hold it
         self.tokens = 0
 
-    def longest_prefix(self, prompt):
-        """(cache, n): the kept cache sharing the longest prefix with prompt, leaving >= 1 token to run."""
+    def longest_prefix(self, prompt, kind=None):
+        """(cache, n): the kept cache of this kind (KVCache.kind) sharing the longest prefix with prompt,
+        leaving >= 1 token to run."""
         best, best_n = None, 0
-        for ids, cache in self.entries.items():
-            n = common_prefix_length(ids, prompt, len(prompt) - 1)
+        for key in self.entries:
+            if key[0] != kind:
+                continue
+            n = common_prefix_length(key[1], prompt, len(prompt) - 1)
             if n > best_n:
-                best, best_n = ids, n
+                best, best_n = key, n
         if best is None:
             return None, 0
         self.entries.move_to_end(best)
         return self.entries[best], best_n
 
     def add(self, prompt, cache):
-        key = tuple(prompt)
-        if key in self.entries or len(key) > self.max_tokens:
+        key = (cache.kind, tuple(prompt))
+        if key in self.entries or len(prompt) > self.max_tokens:
             return
         self.entries[key] = cache
         self.tokens += cache.capacity
@@ -261,7 +264,7 @@ class Engine:
         request.cache = self.model.new_cache(len(gen.prompt_ids) + gen.max_new)
         if request.score_top is not None:  # every position's log-probabilities: nothing to skip
             return
-        cached, n = self.prefix_cache.longest_prefix(gen.prompt_ids)
+        cached, n = self.prefix_cache.longest_prefix(gen.prompt_ids, request.cache.kind)
         if n:
             request.cache.copy_prefix(self.model.xp, cached, n)
             request.prefilled = n

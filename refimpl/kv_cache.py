@@ -22,6 +22,9 @@ class KVCache:
         self.v = xp.zeros(shape, dtype=xp.float32)  # [L, Hkv, C, Dh]
         self.capacity = capacity
         self.length = 0  # positions [0, length) hold valid keys and values
+        # What the stored keys depend on besides their positions, when the family says (Phi-3's
+        # LongRoPE rotates a sequence by its capacity): caches of different kinds share no prefix.
+        self.kind = None
 
     def write(self, xp, layer, start, k, v):
         """Store k, v [T, Hkv, Dh] at positions start..start+T-1; return all keys/values up to there."""

@@ -89,3 +89,24 @@ def test_scoring_never_reads_a_prefix_cache_hit(tiny_chat_model):
     scored = engine.submit(ids, SamplingParams(temperature=0, max_tokens=1), score_top=0)
     list(scored)
     assert engine.stats["prefix_hits"] == 0 and len(scored.prompt_logprobs) == len(ids)
+
+
+def test_the_prefix_cache_never_shares_keys_rotated_another_way(tmp_path):
+    """Phi-3's LongRoPE rotates a sequence with its long factors when its cache may grow past
+    original_max_position_embeddings (40 here): a prompt kept from a short request must not be
+    reused by a long one, whose keys are rotated differently."""
+    from refimpl.generate import generate, load
+    from server_helpers import tiny_model_dir
+
+    model, tokenizer, _ = load(tiny_model_dir(tmp_path, source="phi3-longrope-tiny"))
+    engine = Engine(model, tokenizer, stop_ids=[])
+    ids = list(range(3, 33))  # 30 tokens
+    short = SamplingParams(temperature=0, max_tokens=5, logprobs=True)  # capacity 35: short factors
+    long = SamplingParams(temperature=0, max_tokens=20, logprobs=True)  # capacity 50: long factors
+    list(engine.submit(ids, short))
+    events = list(engine.submit(ids, long))
+    assert engine.stats["prefix_hits"] == 0
+    alone = list(generate(model, tokenizer, ids, long, stop_ids=[]))
+    np.testing.assert_allclose([e.logprobs.logprob for e in events], [e.logprobs.logprob for e in alone], atol=1e-4)
+    list(engine.submit(ids, long))  # a long request after it may share the long one's prefix
+    assert engine.stats["prefix_hits"] == 1

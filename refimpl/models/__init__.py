@@ -41,7 +41,10 @@ class Model:
     family: object  # the family's module
 
     def new_cache(self, capacity):
-        return KVCache(self.xp, self.config, capacity)
+        cache = KVCache(self.xp, self.config, capacity)
+        if hasattr(self.family, "cache_kind"):  # the few families whose keys depend on more than position
+            cache.kind = self.family.cache_kind(self.config, capacity)
+        return cache
 
 
 def family_of(config):

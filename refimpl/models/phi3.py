@@ -170,6 +170,12 @@ def uses_long_factors(cfg, capacity):
     return capacity > cfg.longrope["original_max_position_embeddings"]
 
 
+def cache_kind(cfg, capacity):
+    """What a cache's keys depend on besides position (models/__init__.py): the factors they were
+    rotated with. The engine copies a cached prompt prefix only into a cache of the same kind."""
+    return "long" if cfg.longrope is not None and uses_long_factors(cfg, capacity) else "short"
+
+
 # ---------------------------------------------------------------- the checkpoint
 
 
