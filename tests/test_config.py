@@ -70,12 +70,18 @@ def test_qwen2_window_follows_use_sliding_window_and_max_window_layers(extra, wi
 
 
 @pytest.mark.parametrize("extra", [
-    {"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 1},
+    {"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 1},  # layers 1.. slide
     {"model_type": "mistral", "layer_types": ["full_attention", "sliding_attention"]},
 ])
-def test_mixed_full_and_sliding_layers_are_refused(extra):
-    with pytest.raises(ConfigError, match="some layers|layer_types"):
-        ModelConfig.from_dict(BASE | {"sliding_window": 4096} | extra)
+def test_mixed_full_and_sliding_layers_each_get_their_window(extra):
+    cfg = ModelConfig.from_dict(BASE | {"sliding_window": 4096} | extra)
+    assert cfg.layer_windows == (None, 4096) and cfg.sliding_window == 4096
+
+
+@pytest.mark.parametrize("layer_types", [["full_attention"], ["full_attention", "chunked_attention"]])
+def test_layer_types_that_do_not_fit_are_refused(layer_types):
+    with pytest.raises(ConfigError, match="layer_types"):
+        ModelConfig.from_dict(BASE | {"model_type": "mistral", "sliding_window": 16, "layer_types": layer_types})
 
 
 def test_head_dim_defaults_to_width_over_heads_unless_given():

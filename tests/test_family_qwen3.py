@@ -125,9 +125,15 @@ def test_qwen3_window_follows_use_sliding_window_and_layer_types(extra, window):
     assert LlamaConfig.from_dict(config_of(QWEN3) | extra).sliding_window == window
 
 
+@pytest.mark.parametrize("extra", [
+    WINDOW | {"layer_types": ["full_attention", "sliding_attention"]},
+    WINDOW | {"layer_types": None, "max_window_layers": 1},
+])
+def test_qwen3_mixed_layers_each_get_their_window(extra):
+    assert LlamaConfig.from_dict(config_of(QWEN3) | extra).layer_windows == (None, 16)
+
+
 @pytest.mark.parametrize("extra, named", [
-    (WINDOW | {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
-    (WINDOW | {"layer_types": None, "max_window_layers": 1}, "only some layers"),
     ({"sliding_window": 16, "layer_types": ["sliding_attention"] * 2}, "no sliding_window"),  # use_sliding_window off
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, "yarn"),

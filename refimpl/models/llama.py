@@ -12,8 +12,10 @@ output head. What tells the members apart is read from config.json into named fl
                         learned gains self_attn.q_norm / k_norm [Dh] shared by all heads (Qwen3)
   tie_word_embeddings   the output head reuses the token embedding matrix
   sliding_window        each token attends to at most this many keys (Mistral; Qwen2 and Qwen3
-                        only when `use_sliding_window` is true, in the layers `layer_types` or
-                        `max_window_layers` say); None means full causal attention
+                        only when `use_sliding_window` is true); None means full causal attention
+  layer_windows         per layer, sliding_window or None: the layers `layer_types` names
+                        "sliding_attention" slide (Qwen without layer_types: the layers from
+                        `max_window_layers` on), the others attend to every earlier key
   rope_scaling          None, or the llama3 frequency rescaling (Llama 3.1+)
 
 Several sequences share one call (refimpl/batching.py): their tokens are stacked into one [N, D]
@@ -57,6 +59,7 @@ class LlamaConfig:
     mlp_bias: bool
     qk_norm: bool
     sliding_window: int | None
+    layer_windows: tuple  # [L] the window of each layer, or None
     bos_token_id: int | None
     eos_token_id: int | list | None
 
@@ -70,6 +73,7 @@ class LlamaConfig:
         rope_theta, rope_scaling = rope_parameters(c)
         heads = c["num_attention_heads"]
         attention_bias = bool(c.get("attention_bias", False))
+        windows = layer_windows(c, model_type)
         return cls(
             model_type=model_type,
             vocab_size=c["vocab_size"],
@@ -89,7 +93,8 @@ class LlamaConfig:
             o_bias=attention_bias and model_type in ("llama", "qwen3"),
             mlp_bias=bool(c.get("mlp_bias", False)),
             qk_norm=model_type == "qwen3",
-            sliding_window=sliding_window(c, model_type),
+            sliding_window=max((w for w in windows if w is not None), default=None),
+            layer_windows=windows,
             bos_token_id=c.get("bos_token_id"),
             eos_token_id=c.get("eos_token_id"),
         )
@@ -98,30 +103,24 @@ class LlamaConfig:
 Config = LlamaConfig  # the name the registry (models/__init__.py) looks for
 
 
-def sliding_window(c, model_type):
-    """The attention window shared by every layer, or None for full causal attention."""
-    window = c.get("sliding_window")
+def layer_windows(c, model_type):
+    """The attention window of each layer (None: full causal attention), as transformers decides it."""
+    L, window = c["num_hidden_layers"], c.get("sliding_window")
     qwen = model_type in ("qwen2", "qwen3")
     if qwen and not c.get("use_sliding_window", False):
         window = None  # Qwen configs carry a window that is used only when use_sliding_window is set
-    kinds = set(c.get("layer_types") or [])
-    if qwen and window is not None and not kinds:
-        # Without layer_types, Qwen slides the window only in layers from max_window_layers on
-        # (transformers derives layer_types so, and then reads only layer_types).
+    kinds = c.get("layer_types")
+    if kinds is None and qwen:  # Qwen slides only in the layers from max_window_layers on
         first = c.get("max_window_layers", 28)  # transformers' Qwen2Config and Qwen3Config default
-        if first >= c["num_hidden_layers"]:
-            window = None
-        elif first > 0:
-            raise ConfigError(f"{model_type} with sliding attention in only some layers (max_window_layers) "
-                              "is not supported")
-    if len(kinds) > 1:
-        raise ConfigError(f"layers of different attention kinds {sorted(kinds)} (layer_types) are not supported")
-    if kinds == {"full_attention"}:
-        window = None
-    if qwen and kinds == {"sliding_attention"} and window is None:
+        kinds = ["sliding_attention" if window is not None and i >= first else "full_attention" for i in range(L)]
+    if kinds is None:
+        kinds = ["full_attention" if window is None else "sliding_attention"] * L
+    if len(kinds) != L or set(kinds) - {"full_attention", "sliding_attention"}:
+        raise ConfigError(f"layer_types {kinds!r} is not one of full_attention / sliding_attention per layer")
+    if "sliding_attention" in kinds and window is None:
         # transformers' Qwen refuses this too: sliding layers with no window (or use_sliding_window off)
         raise ConfigError("layer_types names sliding_attention layers, but no sliding_window is in use")
-    return window
+    return tuple(window if kind == "sliding_attention" else None for kind in kinds)
 
 
 # ---------------------------------------------------------------- the checkpoint
@@ -229,7 +228,7 @@ def self_attention(xp, cfg, w, layer, x, cos, sin, batch):
         q = rms_norm(xp, q, w["self_attn.q_norm.weight"], cfg.rms_norm_eps)  # [N, H, Dh]
         k = rms_norm(xp, k, w["self_attn.k_norm.weight"], cfg.rms_norm_eps)  # [N, Hkv, Dh]
     q, k = rope(xp, q, cos, sin), rope(xp, k, cos, sin)
-    out = attend(xp, batch, layer, q, k, v, cfg.sliding_window)  # [N, H*Dh]
+    out = attend(xp, batch, layer, q, k, v, cfg.layer_windows[layer])  # [N, H*Dh]
     return linear(out, w, "self_attn.o_proj", cfg.o_bias)  # [N, D]
 
 
