@@ -1,4 +1,4 @@
-"""Turn a Llama-family GGUF file into a Hugging Face-layout model directory.
+"""Turn a GGUF file into a Hugging Face-layout model directory.
 
 A GGUF file (llama.cpp's format) holds everything in one place: metadata (the model's
 hyperparameters, the tokenizer's vocabulary, merges and chat template) and quantized tensors.
@@ -10,13 +10,13 @@ The rest of refimpl reads the HF layout instead, so we convert once:
     tokenizer_config.json   special tokens, add_bos_token and the chat template
     generation_config.json  bos and eos ids
 
-Three things differ between the formats and are undone here:
+Three things differ between the formats and are undone:
   1. GGUF lists a tensor's dimensions innermost first, the reverse of NumPy; `dequantize`
      already returns NumPy order, [out_features, in_features] as HF stores a Linear.
-  2. llama.cpp's converter permutes the rows of q_proj and k_proj so that its interleaved
-     RoPE (rotating pairs (0,1), (2,3), ...) gives the same result as HF's rotate-half RoPE
-     (rotating pairs (i, i + Dh/2)). We apply the inverse permutation, so the weights work with
-     rotate-half again. Without it text diverges after a few tokens.
+  2. Tensor names, metadata keys and what llama.cpp's converter did to some tensors (the Llama
+     family's permuted Q/K rows, for one) are each family's own: its file in refimpl/models/
+     has gguf_config(meta, tensor names) -> config.json and gguf_tensors(name, array, config)
+     -> the HF tensors. GGUF_ARCHITECTURES says which file reads which architecture.
   3. The tokenizer is stored as lists; we rebuild the same tokenizer transformers builds from
      this file (see `build_tokenizer`), so both give the same ids for every string.
 
@@ -24,6 +24,7 @@ The reference for all of this is transformers loading the same GGUF file
 (`from_pretrained(folder, gguf_file=name)`): integrations/gguf in the installed package.
 """
 
+import importlib
 import json
 from pathlib import Path
 
@@ -36,22 +37,9 @@ from tqdm import tqdm
 
 from refimpl.tokenizer import byte_alphabet
 
-# GGUF tensor name -> HF tensor name. Per-block names are "blk.{i}." + key.
-GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-BLOCK_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
+# GGUF's general.architecture -> the module of refimpl/models/ that reads it.
+GGUF_ARCHITECTURES = {
+    "llama": "llama",
 }
 
 # llama.cpp's token types (tokenizer.ggml.token_type).
@@ -63,22 +51,27 @@ def convert_gguf(gguf_path, out_dir):
     """Write the HF-layout files for the GGUF file at gguf_path into out_dir."""
     reader = open_gguf(gguf_path)
     meta = read_metadata(reader)
-    architecture = meta["general.architecture"]
-    if architecture != "llama":
-        raise ValueError(f"{gguf_path}: architecture {architecture!r} is not supported; only 'llama' is")
-
+    family = gguf_family(meta["general.architecture"], gguf_path)
     tokenizer = build_tokenizer(meta)  # before the slow part: an unsupported tokenizer fails fast
-    config = build_config(meta, tensor_names={t.name for t in reader.tensors})
+    config = family.gguf_config(meta, {t.name for t in reader.tensors})
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "config.json", config)
-    save_file(convert_tensors(reader, config), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(convert_tensors(reader, config, family), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save(str(out_dir / "tokenizer.json"))
     write_json(out_dir / "tokenizer_config.json", build_tokenizer_config(meta))
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
     write_json(out_dir / "generation_config.json", generation)
     return out_dir
+
+
+def gguf_family(architecture, path):
+    """The family module that knows this GGUF architecture's names and fix-ups (refimpl/models/)."""
+    if architecture not in GGUF_ARCHITECTURES:
+        raise ValueError(f"{path}: architecture {architecture!r} is not supported "
+                         f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
+    return importlib.import_module(f"refimpl.models.{GGUF_ARCHITECTURES[architecture]}")
 
 
 def open_gguf(path):
@@ -102,82 +95,17 @@ def read_metadata(reader):
     return meta
 
 
-def build_config(meta, tensor_names):
-    """config.json as HF's LlamaConfig writes it."""
-    arch = "llama"
-    hidden, heads = meta[f"{arch}.embedding_length"], meta[f"{arch}.attention.head_count"]
-    tokens = meta["tokenizer.ggml.tokens"]
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": meta[f"{arch}.feed_forward_length"],
-        "num_hidden_layers": meta[f"{arch}.block_count"],
-        "num_attention_heads": heads,
-        "num_key_value_heads": meta.get(f"{arch}.attention.head_count_kv", heads),
-        "head_dim": meta.get(f"{arch}.rope.dimension_count", hidden // heads),
-        "vocab_size": meta.get(f"{arch}.vocab_size", len(tokens)),
-        "rms_norm_eps": meta[f"{arch}.attention.layer_norm_rms_epsilon"],
-        "rope_theta": meta.get(f"{arch}.rope.freq_base", 10000.0),
-        "max_position_embeddings": meta[f"{arch}.context_length"],
-        # Without a separate output matrix the logits reuse the embedding matrix.
-        "tie_word_embeddings": "output.weight" not in tensor_names,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "torch_dtype": "float32",
-    }
-    if "tokenizer.ggml.padding_token_id" in meta:
-        config["pad_token_id"] = meta["tokenizer.ggml.padding_token_id"]
-    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-    if scaling != "none":
-        config["rope_scaling"] = {"rope_type": scaling, "factor": meta[f"{arch}.rope.scaling.factor"]}
-        if f"{arch}.rope.scaling.original_context_length" in meta:
-            original = meta[f"{arch}.rope.scaling.original_context_length"]
-            config["rope_scaling"]["original_max_position_embeddings"] = original
-    return config
-
-
-def hf_name(gguf_name):
-    """The HF name of a GGUF tensor; an error that names it if we do not know it."""
-    if gguf_name in GLOBAL_NAMES:
-        return GLOBAL_NAMES[gguf_name]
-    prefix, _, rest = gguf_name.partition(".")
-    block, _, key = rest.partition(".")
-    if prefix == "blk" and block.isdigit() and key in BLOCK_NAMES:
-        return f"model.layers.{block}.{BLOCK_NAMES[key]}"
-    raise ValueError(f"GGUF tensor {gguf_name!r} has no Llama counterpart in the HF layout")
-
-
-def unpermute_qk(w, n_heads):
-    """Undo llama.cpp's Q/K row permutation, per head: rows [2, Dh/2] -> [Dh/2, 2] back to [2, Dh/2].
-
-    llama.cpp's convert_hf_to_gguf.py `permute` reshapes each head's Dh rows as [2, Dh/2]
-    (first half, second half) and swaps the axes, interleaving the halves so that rotate-half
-    pairs (i, i + Dh/2) become adjacent rows (2i, 2i + 1). Reading the rows as [Dh/2, 2] and
-    swapping back restores HF's order.
-    """
-    head_dim = w.shape[0] // n_heads
-    pairs = w.reshape(n_heads, head_dim // 2, 2, w.shape[1])  # [H*Dh, D] -> [H, Dh/2, 2, D]
-    return pairs.swapaxes(1, 2).reshape(w.shape)  # -> [H, 2, Dh/2, D] -> [H*Dh, D]
-
-
-def convert_tensors(reader, config):
-    """Every tensor dequantized to float32, under its HF name and shape, Q/K rows un-permuted."""
+def convert_tensors(reader, config, family):
+    """Every tensor dequantized to float32 and handed to the family, which names it as HF does and
+    undoes what llama.cpp's converter did to it (family.gguf_tensors)."""
     tensors = {}
     for t in tqdm(reader.tensors, desc="dequantize GGUF tensors", unit="tensor"):
-        name = hf_name(t.name)
         w = dequantize(t.data, t.tensor_type).astype(np.float32)
         expected = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
         if w.shape != expected:
             raise ValueError(f"GGUF tensor {t.name!r}: dequantized shape {w.shape}, expected {expected}")
-        if t.name.endswith("attn_q.weight"):
-            w = unpermute_qk(w, config["num_attention_heads"])
-        elif t.name.endswith("attn_k.weight"):
-            w = unpermute_qk(w, config["num_key_value_heads"])
-        tensors[name] = np.ascontiguousarray(w)
+        for name, hf in family.gguf_tensors(t.name, w, config):
+            tensors[name] = np.ascontiguousarray(hf)
     return tensors
 
 

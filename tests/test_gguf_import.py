@@ -13,7 +13,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from refimpl.gguf_import import convert_gguf, unpermute_qk
+from refimpl.gguf_import import convert_gguf
+from refimpl.models.llama import unpermute_qk
 from refimpl.tokenizer import Tokenizer
 
 

@@ -206,6 +206,98 @@ def load_weights(tensors, cfg, xp):
     return LlamaWeights(embed, layers, xp.asarray(tensors.pop("model.norm.weight")), lm_head, inv_freq)
 
 
+# ---------------------------------------------------------------- importing GGUF (refimpl/gguf_import.py)
+
+# GGUF tensor name -> HF tensor name. Per-block names are "blk.{i}." + key.
+GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+BLOCK_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+def gguf_config(meta, tensor_names):
+    """config.json as HF's LlamaConfig writes it, from a GGUF file's metadata."""
+    arch = meta["general.architecture"]
+    hidden, heads = meta[f"{arch}.embedding_length"], meta[f"{arch}.attention.head_count"]
+    tokens = meta["tokenizer.ggml.tokens"]
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": meta[f"{arch}.feed_forward_length"],
+        "num_hidden_layers": meta[f"{arch}.block_count"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": meta.get(f"{arch}.attention.head_count_kv", heads),
+        "head_dim": meta.get(f"{arch}.rope.dimension_count", hidden // heads),
+        "vocab_size": meta.get(f"{arch}.vocab_size", len(tokens)),
+        "rms_norm_eps": meta[f"{arch}.attention.layer_norm_rms_epsilon"],
+        "rope_theta": meta.get(f"{arch}.rope.freq_base", 10000.0),
+        "max_position_embeddings": meta[f"{arch}.context_length"],
+        # Without a separate output matrix the logits reuse the embedding matrix.
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",
+    }
+    if "tokenizer.ggml.padding_token_id" in meta:
+        config["pad_token_id"] = meta["tokenizer.ggml.padding_token_id"]
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling != "none":
+        config["rope_scaling"] = {"rope_type": scaling, "factor": meta[f"{arch}.rope.scaling.factor"]}
+        if f"{arch}.rope.scaling.original_context_length" in meta:
+            original = meta[f"{arch}.rope.scaling.original_context_length"]
+            config["rope_scaling"]["original_max_position_embeddings"] = original
+    return config
+
+
+def hf_name(gguf_name):
+    """The HF name of a GGUF tensor; an error that names it if we do not know it."""
+    if gguf_name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[gguf_name]
+    prefix, _, rest = gguf_name.partition(".")
+    block, _, key = rest.partition(".")
+    if prefix == "blk" and block.isdigit() and key in BLOCK_NAMES:
+        return f"model.layers.{block}.{BLOCK_NAMES[key]}"
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no Llama-family counterpart in the HF layout")
+
+
+def unpermute_qk(w, n_heads):
+    """Undo llama.cpp's Q/K row permutation, per head: rows [2, Dh/2] -> [Dh/2, 2] back to [2, Dh/2].
+
+    llama.cpp's convert_hf_to_gguf.py `permute` reshapes each head's Dh rows as [2, Dh/2]
+    (first half, second half) and swaps the axes, interleaving the halves so that rotate-half
+    pairs (i, i + Dh/2) become adjacent rows (2i, 2i + 1). Reading the rows as [Dh/2, 2] and
+    swapping back restores HF's order.
+    """
+    head_dim = w.shape[0] // n_heads
+    pairs = w.reshape(n_heads, head_dim // 2, 2, w.shape[1])  # [H*Dh, D] -> [H, Dh/2, 2, D]
+    return pairs.swapaxes(1, 2).reshape(w.shape)  # -> [H, 2, Dh/2, D] -> [H*Dh, D]
+
+
+def gguf_tensors(gguf_name, w, config):
+    """The HF tensor(s) of one dequantized GGUF tensor: renamed, Q/K rows un-permuted."""
+    if gguf_name.endswith("attn_q.weight"):
+        w = unpermute_qk(w, config["num_attention_heads"])
+    elif gguf_name.endswith("attn_k.weight"):
+        w = unpermute_qk(w, config["num_key_value_heads"])
+    yield hf_name(gguf_name), w
+
+
 # ---------------------------------------------------------------- the forward pass
 
 
