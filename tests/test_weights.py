@@ -145,3 +145,23 @@ def test_tied_model_keeps_one_copy_of_the_embeddings():
     assert model.weights.lm_head.shape == (D, V)
     stored = read_tensors(TIED / "model.safetensors")["model.embed_tokens.weight"]
     np.testing.assert_array_equal(model.weights.lm_head, stored.T)
+
+
+# Every family loads strictly: its expected_shapes decide what a checkpoint must hold.
+FAMILY_MODELS = sorted(p.name for p in (GOLDEN / "tiny").iterdir() if (p / "reference.json").exists())
+
+
+@pytest.mark.parametrize("name", FAMILY_MODELS)
+def test_every_family_names_a_missing_an_extra_and_a_misshaped_tensor(tmp_path, name):
+    source = GOLDEN / "tiny" / name
+    tensors = read_tensors(source / "model.safetensors")
+    victim = sorted(n for n, t in tensors.items() if t.ndim == 2 and t.shape[0] != t.shape[1])[-1]
+    cases = {
+        "missing": (lambda t: t.pop(victim), rf"tensor {victim} is missing"),
+        "extra": (lambda t: t.update({"model.stray.weight": np.ones(3, np.float32)}), r"unexpected tensor model\.stray\.weight"),
+        "misshaped": (lambda t: t.update({victim: np.ascontiguousarray(t[victim].T)}), rf"tensor {victim} has shape"),
+    }
+    for kind, (edit, message) in cases.items():
+        (tmp_path / kind).mkdir()
+        with pytest.raises(WeightsError, match=message.replace(".", r"\.") if kind != "extra" else message):
+            load_model(checkpoint(tmp_path / kind, source, edit))
