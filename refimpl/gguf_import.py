@@ -40,6 +40,12 @@ from refimpl.tokenizer import byte_alphabet
 # GGUF's general.architecture -> the module of refimpl/models/ that reads it.
 GGUF_ARCHITECTURES = {
     "llama": "llama",
+    "qwen2": "llama",
+    "qwen3": "llama",
+    "phi3": "phi3",
+    "gpt2": "gpt2",
+    "gemma2": "gemma",
+    "gemma3": "gemma",
 }
 
 # llama.cpp's token types (tokenizer.ggml.token_type).
@@ -57,8 +63,9 @@ def convert_gguf(gguf_path, out_dir):
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = convert_tensors(reader, config, family)  # may complete the config: Phi-3's LongRoPE factors are tensors
     write_json(out_dir / "config.json", config)
-    save_file(convert_tensors(reader, config, family), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save(str(out_dir / "tokenizer.json"))
     write_json(out_dir / "tokenizer_config.json", build_tokenizer_config(meta))
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}

@@ -170,9 +170,9 @@ def test_default_model_tensors(default_model_dir):
 
 def test_unsupported_architecture_is_refused(tmp_path):
     tensors = tiny_hf_tensors(np.random.default_rng(2))
-    write_tiny_gguf(tmp_path / "gpt2.gguf", tensors, arch="gpt2")
-    with pytest.raises(ValueError, match="architecture 'gpt2' is not supported"):
-        convert_gguf(tmp_path / "gpt2.gguf", tmp_path / "out")
+    write_tiny_gguf(tmp_path / "mamba.gguf", tensors, arch="mamba")
+    with pytest.raises(ValueError, match="architecture 'mamba' is not supported"):
+        convert_gguf(tmp_path / "mamba.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()  # refused before writing anything
 
 

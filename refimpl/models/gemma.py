@@ -238,6 +238,139 @@ def load_weights(tensors, cfg, xp):
     return GemmaWeights(embed, embed_scale, layers, norm, lm_head, inv_freq)
 
 
+# ---------------------------------------------------------------- importing GGUF (refimpl/gguf_import.py)
+
+# What llama.cpp's convert_hf_to_gguf.py (Gemma2Model, Gemma3Model) writes, and how we read it back.
+# GGUF tensor name -> HF tensor name. Per-block names are "blk.{i}." + key. Note the shift of the
+# norm names: llama.cpp calls the pre-MLP norm ffn_norm, where Llama's ffn_norm is HF's
+# post_attention_layernorm; Gemma's post_attention_layernorm is post_attention_norm here.
+GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",  # only in a hand-made file: the converter drops Gemma 2's lm_head
+}
+BLOCK_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+GEMMA3_BLOCK_NAMES = BLOCK_NAMES | {
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
+GGUF_MODEL_TYPES = {"gemma2": "gemma2", "gemma3": "gemma3_text"}  # general.architecture -> model_type
+
+
+def gguf_config(meta, tensor_names):
+    """config.json as transformers' Gemma2Config / Gemma3TextConfig write it, from a GGUF's metadata.
+
+    Three settings have no GGUF key, so we choose what transformers' GGUF loader gets (its config
+    defaults), and llama.cpp agrees for every released model except the 27B ones:
+      - query_pre_attn_scalar: 256. (llama.cpp derives it: head_dim, or D / H for its "27B" type.)
+      - the local/global layer pattern: Gemma 2 alternates, starting local; Gemma 3 has a global
+        layer every 6th layer. (llama.cpp hard-codes the same patterns, set_swa_pattern(2) and (6).)
+    Gemma 3's local RoPE base is stored as rope.freq_base_swa by recent converters; older files
+    lack it and mean 10000, which llama.cpp hard-codes. What the file does say we read, as
+    llama.cpp does, though transformers' loader (integrations/ggml.py) skips some of it: Gemma 2's
+    two soft caps, Gemma 3's final cap, rope.scaling and rope.freq_base_swa.
+    """
+    arch = meta["general.architecture"]
+    gemma3 = arch == "gemma3"
+    L = meta[f"{arch}.block_count"]
+    hidden, heads = meta[f"{arch}.embedding_length"], meta[f"{arch}.attention.head_count"]
+    head_dim = meta.get(f"{arch}.attention.key_length", hidden // heads)
+    if meta.get(f"{arch}.attention.value_length", head_dim) != head_dim:
+        raise ValueError(f"{arch}.attention.value_length differs from key_length; Gemma has one head_dim")
+    window = meta.get(f"{arch}.attention.sliding_window")
+    every = 6 if gemma3 else 2  # every n-th layer is global
+    if window is None:  # a Gemma 3 without local layers (its converter writes no window then)
+        layer_types = ["full_attention"] * L
+    else:
+        layer_types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(L)]
+    tokens = meta["tokenizer.ggml.tokens"]
+    config = {
+        "architectures": ["Gemma3ForCausalLM" if gemma3 else "Gemma2ForCausalLM"],
+        "model_type": GGUF_MODEL_TYPES[arch],
+        "vocab_size": meta.get(f"{arch}.vocab_size", len(tokens)),
+        "hidden_size": hidden,
+        "intermediate_size": meta[f"{arch}.feed_forward_length"],
+        "num_hidden_layers": L,
+        "num_attention_heads": heads,
+        "num_key_value_heads": meta.get(f"{arch}.attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": meta[f"{arch}.attention.layer_norm_rms_epsilon"],
+        "query_pre_attn_scalar": 256,  # not in GGUF: transformers' default (see above)
+        # Missing caps mean transformers' and llama.cpp's defaults: Gemma 2 caps at 50 and 30;
+        # Gemma 3 has no score cap and caps logits only when the file says so.
+        "attn_logit_softcapping": None if gemma3 else meta.get(f"{arch}.attn_logit_softcapping", 50.0),
+        "final_logit_softcapping": meta.get(f"{arch}.final_logit_softcapping", None if gemma3 else 30.0),
+        "sliding_window": window,
+        "layer_types": layer_types,
+        "rope_parameters": gguf_rope(meta, arch),
+        "max_position_embeddings": meta[f"{arch}.context_length"],
+        # Without a separate output matrix the logits reuse the embedding matrix.
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attention_bias": False,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",
+    }
+    if "tokenizer.ggml.padding_token_id" in meta:
+        config["pad_token_id"] = meta["tokenizer.ggml.padding_token_id"]
+    return config
+
+
+def gguf_rope(meta, arch):
+    """rope_parameters: Gemma 2's one RoPE (its converter writes no base: llama.cpp's default 10000);
+    Gemma 3's global RoPE (rope.freq_base, stretched by rope.scaling) and local one (freq_base_swa)."""
+    if arch == "gemma2":
+        return {"rope_type": "default", "rope_theta": meta.get(f"{arch}.rope.freq_base", 10000.0)}
+    full = {"rope_type": "default", "rope_theta": meta.get(f"{arch}.rope.freq_base", 1000000.0)}
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling == "linear":  # only the global layers are stretched (the converter reads full_attention's)
+        full = {"rope_type": "linear", "rope_theta": full["rope_theta"], "factor": meta[f"{arch}.rope.scaling.factor"]}
+    elif scaling != "none":
+        raise ValueError(f"{arch}.rope.scaling.type {scaling!r} is not supported (supported: none, linear)")
+    local = {"rope_type": "default", "rope_theta": meta.get(f"{arch}.rope.freq_base_swa", 10000.0)}
+    return {"full_attention": full, "sliding_attention": local}
+
+
+def hf_name(gguf_name, config):
+    """The HF name of a GGUF tensor; an error that names it if we do not know it."""
+    if gguf_name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[gguf_name]
+    block_names = GEMMA3_BLOCK_NAMES if config["model_type"] == "gemma3_text" else BLOCK_NAMES
+    prefix, _, rest = gguf_name.partition(".")
+    block, _, key = rest.partition(".")
+    if prefix == "blk" and block.isdigit() and key in block_names:
+        return f"model.layers.{block}.{block_names[key]}"
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no {config['model_type']} counterpart in the HF layout")
+
+
+def gguf_tensors(gguf_name, w, config):
+    """The HF tensor of one dequantized GGUF tensor: renamed, with the converter's +1 on norms undone.
+
+    llama.cpp's RMSNorm multiplies by w, not Gemma's (1 + w), so its converter stores every norm
+    gain (names ending in norm.weight, q_norm and k_norm included) as w + 1; HF stores w. In
+    float32, (w + 1) - 1 is exact but w + 1 may already have rounded off w's lowest bits, so the
+    w we return can differ from the original in those bits; 1 + w, the gain the forward pass
+    uses (norm_gain), is the same number either way. Q and K are not permuted: llama.cpp runs
+    Gemma with NEOX-style (rotate-half) RoPE, HF's own layout.
+    """
+    if gguf_name.endswith("norm.weight"):
+        w = w - np.float32(1.0)
+    yield hf_name(gguf_name, config), w
+
+
 # ---------------------------------------------------------------- the forward pass
 
 

@@ -147,6 +147,76 @@ def load_weights(tensors, cfg, xp):
     return GPT2Weights(xp.asarray(tensors.pop("transformer.wpe.weight")), layers, ln_f, lm_head)
 
 
+# ---------------------------------------------------------------- importing GGUF (refimpl/gguf_import.py)
+
+# GGUF tensor name -> HF tensor name (GPT2LMHeadModel's). Per-block names are "blk.{i}." + key.
+# There is no output.weight: the converter writes none, as the head is wte itself.
+GLOBAL_NAMES = {
+    "token_embd.weight": "transformer.wte.weight",
+    "position_embd.weight": "transformer.wpe.weight",
+    "output_norm.weight": "transformer.ln_f.weight",
+    "output_norm.bias": "transformer.ln_f.bias",
+}
+BLOCK_NAMES = {
+    "attn_norm.weight": "ln_1.weight", "attn_norm.bias": "ln_1.bias",
+    "attn_qkv.weight": "attn.c_attn.weight", "attn_qkv.bias": "attn.c_attn.bias",  # q, k, v side by side
+    "attn_output.weight": "attn.c_proj.weight", "attn_output.bias": "attn.c_proj.bias",
+    "ffn_norm.weight": "ln_2.weight", "ffn_norm.bias": "ln_2.bias",
+    "ffn_up.weight": "mlp.c_fc.weight", "ffn_up.bias": "mlp.c_fc.bias",
+    "ffn_down.weight": "mlp.c_proj.weight", "ffn_down.bias": "mlp.c_proj.bias",
+}
+# llama.cpp's converter (GPT2Model.modify_tensors) transposes these Conv1D weights from HF's
+# [in, out] to the [out, in] of every other llama.cpp matrix; we transpose them back.
+CONV1D_WEIGHTS = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
+
+
+def gguf_config(meta, tensor_names):
+    """config.json as HF's GPT2Config writes it, from a GGUF file's metadata (arch "gpt2")."""
+    hidden = meta["gpt2.embedding_length"]
+    ffn = meta.get("gpt2.feed_forward_length", 4 * hidden)
+    config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "n_embd": hidden,
+        "n_layer": meta["gpt2.block_count"],
+        "n_head": meta["gpt2.attention.head_count"],
+        "n_inner": None if ffn == 4 * hidden else ffn,  # null: GPT-2's own 4 D
+        # The converter writes config.json's n_ctx here, which GPT-2 checkpoints set equal to
+        # n_positions, the rows of the position table.
+        "n_positions": meta["gpt2.context_length"],
+        "vocab_size": meta.get("gpt2.vocab_size", len(meta["tokenizer.ggml.tokens"])),
+        "layer_norm_epsilon": meta["gpt2.attention.layer_norm_epsilon"],
+        "activation_function": "gelu_new",
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",
+    }
+    if "tokenizer.ggml.padding_token_id" in meta:
+        config["pad_token_id"] = meta["tokenizer.ggml.padding_token_id"]
+    return config
+
+
+def hf_name(gguf_name):
+    """The HF name of a GGUF tensor; an error that names it if we do not know it."""
+    if gguf_name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[gguf_name]
+    prefix, _, rest = gguf_name.partition(".")
+    block, _, key = rest.partition(".")
+    if prefix == "blk" and block.isdigit() and key in BLOCK_NAMES:
+        return f"transformer.h.{block}.{BLOCK_NAMES[key]}"
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no GPT-2 counterpart in the HF layout")
+
+
+def gguf_tensors(gguf_name, w, config):
+    """The HF tensor of one dequantized GGUF tensor: renamed, Conv1D weights back to [in, out]."""
+    name = hf_name(gguf_name)
+    if gguf_name.endswith(CONV1D_WEIGHTS):
+        w = w.T  # [out, in] -> [in, out]
+    yield name, w
+
+
 # ---------------------------------------------------------------- the forward pass
 
 

@@ -208,6 +208,14 @@ def load_weights(tensors, cfg, xp):
 
 # ---------------------------------------------------------------- importing GGUF (refimpl/gguf_import.py)
 
+# GGUF's general.architecture -> config.json's model_type and HF class. llama.cpp writes Llama and
+# Mistral as "llama", Qwen2 as "qwen2" and Qwen3 as "qwen3": the same network, told apart by flags.
+GGUF_MODEL_TYPES = {
+    "llama": ("llama", "LlamaForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+}
+
 # GGUF tensor name -> HF tensor name. Per-block names are "blk.{i}." + key.
 GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -220,6 +228,12 @@ BLOCK_NAMES = {
     "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",  # Qwen2 always; Llama and Qwen3 with attention_bias
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",  # Llama and Qwen3 with attention_bias
+    "attn_q_norm.weight": "self_attn.q_norm.weight",  # Qwen3's per-head QK-norm gains [Dh]
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
@@ -228,19 +242,24 @@ BLOCK_NAMES = {
 
 
 def gguf_config(meta, tensor_names):
-    """config.json as HF's LlamaConfig writes it, from a GGUF file's metadata."""
+    """config.json as HF's LlamaConfig, Qwen2Config or Qwen3Config writes it, from a GGUF file's metadata."""
     arch = meta["general.architecture"]
+    model_type, hf_class = GGUF_MODEL_TYPES[arch]
     hidden, heads = meta[f"{arch}.embedding_length"], meta[f"{arch}.attention.head_count"]
     tokens = meta["tokenizer.ggml.tokens"]
+    # The head width is written as attention.key_length when config.json named a head_dim (Qwen3:
+    # 128 for a width of 1024 and 16 heads); Llama's converter also writes it as rope.dimension_count.
+    head_dim = meta.get(f"{arch}.attention.key_length",
+                        meta.get(f"{arch}.rope.dimension_count", hidden // heads))
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [hf_class],
+        "model_type": model_type,
         "hidden_size": hidden,
         "intermediate_size": meta[f"{arch}.feed_forward_length"],
         "num_hidden_layers": meta[f"{arch}.block_count"],
         "num_attention_heads": heads,
         "num_key_value_heads": meta.get(f"{arch}.attention.head_count_kv", heads),
-        "head_dim": meta.get(f"{arch}.rope.dimension_count", hidden // heads),
+        "head_dim": head_dim,
         "vocab_size": meta.get(f"{arch}.vocab_size", len(tokens)),
         "rms_norm_eps": meta[f"{arch}.attention.layer_norm_rms_epsilon"],
         "rope_theta": meta.get(f"{arch}.rope.freq_base", 10000.0),
@@ -248,12 +267,14 @@ def gguf_config(meta, tensor_names):
         # Without a separate output matrix the logits reuse the embedding matrix.
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "torch_dtype": "float32",
     }
+    if model_type != "qwen2":  # Qwen2's q/k/v biases are not a flag: its config has no attention_bias
+        config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+    if model_type == "llama":
+        config["mlp_bias"] = False
     if "tokenizer.ggml.padding_token_id" in meta:
         config["pad_token_id"] = meta["tokenizer.ggml.padding_token_id"]
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
@@ -282,19 +303,24 @@ def unpermute_qk(w, n_heads):
     llama.cpp's convert_hf_to_gguf.py `permute` reshapes each head's Dh rows as [2, Dh/2]
     (first half, second half) and swaps the axes, interleaving the halves so that rotate-half
     pairs (i, i + Dh/2) become adjacent rows (2i, 2i + 1). Reading the rows as [Dh/2, 2] and
-    swapping back restores HF's order.
+    swapping back restores HF's order. A bias [H*Dh] is permuted, and restored, like the rows.
     """
     head_dim = w.shape[0] // n_heads
-    pairs = w.reshape(n_heads, head_dim // 2, 2, w.shape[1])  # [H*Dh, D] -> [H, Dh/2, 2, D]
+    pairs = w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:])  # [H*Dh, D] -> [H, Dh/2, 2, D]
     return pairs.swapaxes(1, 2).reshape(w.shape)  # -> [H, 2, Dh/2, D] -> [H*Dh, D]
 
 
 def gguf_tensors(gguf_name, w, config):
-    """The HF tensor(s) of one dequantized GGUF tensor: renamed, Q/K rows un-permuted."""
-    if gguf_name.endswith("attn_q.weight"):
-        w = unpermute_qk(w, config["num_attention_heads"])
-    elif gguf_name.endswith("attn_k.weight"):
-        w = unpermute_qk(w, config["num_key_value_heads"])
+    """The HF tensor(s) of one dequantized GGUF tensor: renamed, and for Llama Q/K rows un-permuted.
+
+    Only llama.cpp's LlamaModel permutes Q and K (weights and biases), because its Llama graph
+    rotates adjacent pairs (GPT-J style RoPE) where HF rotates the two halves of a head. Its
+    Qwen2 and Qwen3 graphs rotate halves as HF does (NEOX style), so their tensors are stored
+    in HF's order and pass through unchanged.
+    """
+    key = gguf_name.rpartition(".")[0].rpartition(".")[2]  # "blk.0.attn_q.weight" -> "attn_q"
+    if config["model_type"] == "llama" and key in ("attn_q", "attn_k"):
+        w = unpermute_qk(w, config["num_attention_heads" if key == "attn_q" else "num_key_value_heads"])
     yield hf_name(gguf_name), w
 
 

@@ -232,6 +232,99 @@ def load_weights(tensors, cfg, xp):
                        xp.asarray(inv_freq), long_inv_freq)
 
 
+# ---------------------------------------------------------------- importing GGUF (refimpl/gguf_import.py)
+
+# GGUF tensor name -> HF tensor name. Per-block names are "blk.{i}." + key. llama.cpp's converter
+# (Phi3MiniModel) renames the fused tensors and changes nothing else: attn_qkv is q, k, v one above
+# the other, and ffn_up is gate above up, the order llama.cpp's fused SwiGLU splits it in too.
+GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+BLOCK_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_qkv.weight": "self_attn.qkv_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_up.weight": "mlp.gate_up_proj.weight",  # gate, then up
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+# LongRoPE's per-frequency factors [R/2]: config values, which the converter stores as tensors
+# because a GGUF key holds no float list that llama.cpp's graph can read. They go back to
+# rope_scaling, not to model.safetensors.
+ROPE_FACTORS = {"rope_factors_short.weight": "short_factor", "rope_factors_long.weight": "long_factor"}
+
+
+def gguf_config(meta, tensor_names):
+    """config.json as HF's Phi3Config writes it, from a GGUF file's metadata (arch "phi3")."""
+    hidden, heads = meta["phi3.embedding_length"], meta["phi3.attention.head_count"]
+    head_dim = hidden // heads  # the converter writes no head width: Phi3Config's default
+    # rope.dimension_count is R = int(partial_rotary_factor * hidden) // heads; R / Dh gives the factor back.
+    rotary_dim = meta.get("phi3.rope.dimension_count", head_dim)
+    partial = rotary_dim / head_dim
+    if int(head_dim * partial) != rotary_dim:
+        raise ValueError(f"phi3.rope.dimension_count {rotary_dim} is no partial_rotary_factor of head width {head_dim}")
+    original = meta.get("phi3.rope.scaling.original_context_length", 4096)
+    config = {
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        "hidden_size": hidden,
+        "intermediate_size": meta["phi3.feed_forward_length"],
+        "num_hidden_layers": meta["phi3.block_count"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": meta.get("phi3.attention.head_count_kv", heads),
+        "vocab_size": meta.get("phi3.vocab_size", len(meta["tokenizer.ggml.tokens"])),
+        "rms_norm_eps": meta["phi3.attention.layer_norm_rms_epsilon"],
+        "rope_theta": meta.get("phi3.rope.freq_base", 10000.0),
+        "partial_rotary_factor": partial,
+        "max_position_embeddings": meta["phi3.context_length"],
+        "original_max_position_embeddings": original,
+        # The converter writes 0 for "no sliding window" (Phi-4-mini) and the width otherwise.
+        "sliding_window": meta.get("phi3.attention.sliding_window") or None,
+        # Without a separate output matrix the logits reuse the embedding matrix.
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "hidden_act": "silu",
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",
+    }
+    if "tokenizer.ggml.padding_token_id" in meta:
+        config["pad_token_id"] = meta["tokenizer.ggml.padding_token_id"]
+    if set(ROPE_FACTORS) & set(tensor_names):
+        # The factor tensors mark a LongRoPE model (the converter writes no rope.scaling.type for
+        # phi3); gguf_tensors fills in the two lists when it meets them.
+        config["rope_scaling"] = {"rope_type": "longrope", "original_max_position_embeddings": original}
+        attn_factor = meta.get("phi3.rope.scaling.attn_factor")
+        factor = config["max_position_embeddings"] / original
+        default = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1.0 else 1.0
+        if attn_factor is not None and np.float32(attn_factor) != np.float32(default):
+            # The converter's "yarn" scale (0.1 ln s + 1) differs from LongRoPE's: keep the file's.
+            config["rope_scaling"]["attention_factor"] = attn_factor
+    return config
+
+
+def hf_name(gguf_name):
+    """The HF name of a GGUF tensor; an error that names it if we do not know it."""
+    if gguf_name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[gguf_name]
+    prefix, _, rest = gguf_name.partition(".")
+    block, _, key = rest.partition(".")
+    if prefix == "blk" and block.isdigit() and key in BLOCK_NAMES:
+        return f"model.layers.{block}.{BLOCK_NAMES[key]}"
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no Phi-3 counterpart in the HF layout")
+
+
+def gguf_tensors(gguf_name, w, config):
+    """The HF tensor of one dequantized GGUF tensor, renamed; LongRoPE's factors go to config instead."""
+    if gguf_name in ROPE_FACTORS:
+        # float32 in the file: keep the shortest decimal that rounds to the same float32 (1.1,
+        # not 1.100000023841858), as the original config.json spelled it.
+        config["rope_scaling"][ROPE_FACTORS[gguf_name]] = [float(str(f)) for f in w.astype(np.float32)]
+        return
+    yield hf_name(gguf_name), w
+
+
 # ---------------------------------------------------------------- the forward pass
 
 
