@@ -1,5 +1,5 @@
 """Every family's tiny model works through the commands and the server, not only the forward pass:
-`refimpl generate` and `score` on its directory, and a chat completion whose /v1/models entry names
+`refimpl generate`, `score` and `chat` on its directory, and a chat completion whose /v1/models entry names
 the family. (Each golden/tiny model gets the byte-level tokenizer of server_helpers.tiny_model_dir.)"""
 
 import json
@@ -38,3 +38,17 @@ def test_served_with_its_architecture(model_dir):
                                                       "logprobs": True, "top_logprobs": 2})
     assert reply.status_code == 200, reply.get_json()
     assert reply.get_json()["usage"]["completion_tokens"] >= 1
+
+
+def test_chat(model_dir, monkeypatch, capsys):
+    said = iter(["hello", "/new", "again"])
+
+    def typed(prompt):
+        try:
+            return next(said)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", typed)
+    assert main(["chat", "--max-tokens", "4", "--model", str(model_dir)]) == 0
+    assert capsys.readouterr().out.count("model> ") == 2  # a reply to each message, none to /new
