@@ -142,6 +142,8 @@ def test_echo_logprobs_list_a_generated_end_of_sequence_token(client):
     assert choice.finish_reason == "stop" and choice.text == prompt  # the EOS is not text
     assert len(lp.tokens) == len(lp.token_logprobs) == n_prompt + 1 == n_prompt + completion.usage.completion_tokens
     assert lp.tokens[-1] == "<|im_end|>" and lp.text_offset[-1] == len(prompt)
+    assert "".join(lp.tokens[:-1]) == prompt  # special tokens by their markers, as the echoed text has them
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
     assert lp.token_logprobs[-1] == max(lp.top_logprobs[-1].values())  # greedy: the most likely token
     assert -1.5 < lp.token_logprobs[-1] < 0 and "<|im_end|>" in lp.top_logprobs[-1]
 

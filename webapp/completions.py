@@ -147,11 +147,12 @@ def start_choices(completion, number, request):
 
 def prompt_offsets(tokenizer, ids):
     """Where each prompt token starts in the prompt's text, in characters, counted as generation
-    counts Event.offset: a token's first byte belongs to the character at the end of the text so far."""
+    counts Event.offset: a token's first byte belongs to the character at the end of the text so far.
+    A special token stands in the echoed text as its marker (e.g. "<|im_start|>"), so it counts so."""
     utf8, offsets, length = codecs.getincrementaldecoder("utf-8")(errors="replace"), [], 0
     for token_id in ids:
         offsets.append(length)
-        length += len(utf8.decode(tokenizer.token_bytes(token_id)))
+        length += len(utf8.decode(bytes(token_text(tokenizer, token_id)[1])))
     return offsets
 
 
