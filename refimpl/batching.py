@@ -17,6 +17,7 @@ from refimpl.ops import attention, soft_cap
 @dataclass
 class Batch:
     spans: list  # (lo, hi, cache): rows lo..hi-1 of the call are that sequence's new tokens
+    ids: object  # [N] the new token ids of every sequence, one after another
     positions: object  # [N] each row's position in its sequence
 
     @classmethod
@@ -27,7 +28,8 @@ class Batch:
             spans.append((lo, lo + len(ids), cache))
             positions.append(xp.arange(cache.length, cache.length + len(ids)))
             lo += len(ids)
-        return cls(spans, positions[0] if len(positions) == 1 else xp.concat(positions))
+        ids = xp.asarray([t for seq in tokens for t in seq], dtype=xp.int64)
+        return cls(spans, ids, positions[0] if len(positions) == 1 else xp.concat(positions))
 
     def advance(self):
         """After the last layer: each cache now holds its new tokens."""

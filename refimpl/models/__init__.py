@@ -15,7 +15,6 @@ from refimpl.kv_cache import KVCache
 from refimpl.weights import read_checkpoint
 from refimpl.xp import keep_freed_memory, namespace
 
-
 # model_type -> the module of this package that implements it. A module is imported when a model
 # of its family is loaded, so a family's file is read only by those who use it.
 FAMILIES = {

@@ -40,8 +40,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from refimpl import layout
 from refimpl.batching import Batch, attend
 from refimpl.config import ConfigError
+from refimpl.layout import embedding_and_head, on_device, stacked, take_layer, transposed
 from refimpl.ops import gated_mlp, gelu_tanh, linear, rms_norm, rope, rope_cos_sin, rope_inverse_frequencies, soft_cap
 
 MODEL_TYPES = ("gemma2", "gemma3_text")
@@ -204,12 +206,7 @@ def arrange_layer(layer):
     """One block's tensors laid out for the forward pass, as in the Llama family: q, k, v stacked
     into self_attn.qkv_proj and gate, up into mlp.gate_up_proj (one product each instead of
     three or two), every projection transposed to [in, out], and every norm's gain made 1 + w."""
-    fused = dict(layer)
-    for new, parts in (("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                       ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"))):
-        fused[f"{new}.weight"] = np.concatenate([fused.pop(f"{part}.weight") for part in parts], axis=0)
-    return {name: norm_gain(t) if name.endswith("norm.weight") else np.ascontiguousarray(t.T)
-            for name, t in fused.items()}
+    return {name: norm_gain(t) if name.endswith("norm.weight") else t for name, t in transposed(stacked(layer)).items()}
 
 
 def inverse_frequencies(theta, factor, head_dim):
@@ -221,15 +218,8 @@ def inverse_frequencies(theta, factor, head_dim):
 
 def load_weights(tensors, cfg, xp):
     """The checked checkpoint tensors (name -> NumPy array, see weights.py), arranged and on the device."""
-    layers = []
-    for i in range(cfg.num_hidden_layers):
-        prefix = f"model.layers.{i}."
-        layer = {n[len(prefix):]: tensors.pop(n) for n in list(tensors) if n.startswith(prefix)}
-        layers.append({name: xp.asarray(t) for name, t in arrange_layer(layer).items()})
-    # Stored [D, V] for a faster `x @ W` (see the Llama family); a tied model keeps only this copy.
-    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    lm_head = xp.asarray(np.ascontiguousarray(tensors.pop(head).T))
-    embed = None if cfg.tie_word_embeddings else xp.asarray(tensors.pop("model.embed_tokens.weight"))
+    layers = [on_device(xp, arrange_layer(take_layer(tensors, i))) for i in range(cfg.num_hidden_layers)]
+    embed, lm_head = embedding_and_head(xp, tensors, cfg.tie_word_embeddings)
     # transformers keeps sqrt(D) as a tensor of the model's dtype, so it multiplies by sqrt(D)
     # rounded to float32 here (in a bfloat16 model sqrt(3072) = 55.43 even becomes 55.5).
     embed_scale = float(np.float32(math.sqrt(cfg.hidden_size)))
@@ -378,11 +368,7 @@ def embed(xp, W, ids):
     """The embedding rows of token ids [N] -> [N, D], times sqrt(D); a tied model reads them as
     columns of the head. The scale keeps the embeddings' size comparable to the blocks' outputs,
     which the residual stream adds to them."""
-    if W.embed_tokens is None:
-        rows = xp.permute_dims(xp.take(W.lm_head, ids, axis=1), (1, 0))
-    else:
-        rows = xp.take(W.embed_tokens, ids, axis=0)
-    return rows * W.embed_scale  # [N, D]
+    return layout.embed(xp, W.embed_tokens, W.lm_head, ids) * W.embed_scale  # [N, D]
 
 
 def self_attention(xp, cfg, w, layer, x, cos, sin, window, batch):
@@ -421,11 +407,10 @@ def forward(model, tokens, caches, all_logits=False):
     """
     xp, cfg, W = model.xp, model.config, model.weights
     batch = Batch.of(xp, tokens, caches)
-    ids = xp.asarray([t for seq in tokens for t in seq], dtype=xp.int64)  # [N]
     # Local and global layers may turn q and k at different speeds: one cos/sin pair per kind.
     rotations = {kind: rope_cos_sin(xp, inv_freq, batch.positions) for kind, inv_freq in W.inv_freq.items()}
 
-    x = embed(xp, W, ids)  # [N, D]
+    x = embed(xp, W, batch.ids)  # [N, D]
     for layer, (w, kind) in enumerate(zip(W.layers, cfg.layer_types)):
         window = cfg.sliding_window if kind == "sliding_attention" else None
         x = block(xp, cfg, w, layer, x, *rotations[kind], window, batch)

@@ -32,10 +32,10 @@ F feed-forward width, V vocabulary, P positions (n_positions), B sequences.
 
 from dataclasses import dataclass
 
-import numpy as np
-
+from refimpl import layout
 from refimpl.batching import Batch, attend
 from refimpl.config import ConfigError
+from refimpl.layout import embedding_and_head, on_device, take_layer
 from refimpl.ops import gelu_tanh, layer_norm, linear
 
 MODEL_TYPES = ("gpt2",)
@@ -136,13 +136,9 @@ def load_weights(tensors, cfg, xp):
     Unlike Llama's nn.Linear [out, in] matrices, GPT-2's Conv1D weights are already [in, out],
     the layout `x @ W` reads fastest, so a block's tensors are used exactly as stored.
     """
-    layers = []
-    for i in range(cfg.num_hidden_layers):
-        prefix = f"transformer.h.{i}."
-        layers.append({n[len(prefix):]: xp.asarray(tensors.pop(n)) for n in list(tensors) if n.startswith(prefix)})
-    # The head is the token embedding, kept once, as [D, V] for the largest product of a step
-    # (see llama.load_weights); embedding a few tokens reads columns of it.
-    lm_head = xp.asarray(np.ascontiguousarray(tensors.pop("transformer.wte.weight").T))
+    layers = [on_device(xp, take_layer(tensors, i, "transformer.h.{}.")) for i in range(cfg.num_hidden_layers)]
+    # The head is the token embedding, kept once, as [D, V] (refimpl/layout.py).
+    _, lm_head = embedding_and_head(xp, tensors, tied=True, embedding="transformer.wte.weight")
     ln_f = (xp.asarray(tensors.pop("transformer.ln_f.weight")), xp.asarray(tensors.pop("transformer.ln_f.bias")))
     return GPT2Weights(xp.asarray(tensors.pop("transformer.wpe.weight")), layers, ln_f, lm_head)
 
@@ -222,7 +218,7 @@ def gguf_tensors(gguf_name, w, config):
 
 def embed(xp, W, ids, positions):
     """Token embedding plus position embedding: ids, positions [N] -> [N, D]."""
-    tokens = xp.permute_dims(xp.take(W.lm_head, ids, axis=1), (1, 0))  # [N, D]: columns of the tied head
+    tokens = layout.embed(xp, None, W.lm_head, ids)  # [N, D]: columns of the tied head
     return tokens + xp.take(W.wpe, positions, axis=0)  # [N, D]
 
 
@@ -262,9 +258,8 @@ def forward(model, tokens, caches, all_logits=False):
             raise ValueError(f"position {cache.length + len(seq) - 1} is past GPT-2's n_positions "
                              f"({cfg.max_position_embeddings})")
     batch = Batch.of(xp, tokens, caches)
-    ids = xp.asarray([t for seq in tokens for t in seq], dtype=xp.int64)  # [N]
 
-    x = embed(xp, W, ids, batch.positions)  # [N, D]
+    x = embed(xp, W, batch.ids, batch.positions)  # [N, D]
     for layer, w in enumerate(W.layers):
         x = block(xp, cfg, w, layer, x, batch)
     batch.advance()

@@ -27,10 +27,9 @@ F feed-forward width, V vocabulary, B sequences.
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from refimpl.batching import Batch, attend
 from refimpl.config import ConfigError, rope_parameters
+from refimpl.layout import embed, embedding_and_head, on_device, stacked, take_layer, transposed
 from refimpl.ops import gated_mlp, linear, rms_norm, rope, rope_cos_sin, rope_inverse_frequencies, silu
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -168,40 +167,15 @@ class LlamaWeights:
 
 
 def arrange_layer(layer):
-    """Lay one block's matrices out the way BLAS reads them fastest; the numbers stay the checkpoint's.
-
-    - Projections that read the same input are stacked into one matrix each: q, k and v all
-      read the normalised block input, and so do gate and up in the MLP; one [576, 960] product
-      runs about 25% faster than three smaller ones, and a step makes fewer calls (vLLM does the
-      same): self_attn.qkv_proj = [q_proj; k_proj; v_proj], mlp.gate_up_proj = [gate_proj; up_proj].
-    - Every projection matrix is stored transposed, [in, out] instead of the checkpoint's
-      [out, in], so that `x @ W` is a plain row-major product: with x of 1 to 16 rows (decoding)
-      OpenBLAS runs it about 25% faster than `x @ W.T` on this layout's transpose.
-    """
-    fused = dict(layer)
-    for new, parts in (("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                       ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"))):
-        for kind in ("weight", "bias"):
-            names = [f"{part}.{kind}" for part in parts]
-            if names[0] in fused:
-                fused[f"{new}.{kind}"] = np.concatenate([fused.pop(n) for n in names], axis=0)
-    return {name: np.ascontiguousarray(t.T) if t.ndim == 2 else t for name, t in fused.items()}
+    """One block's tensors laid out for the forward pass (refimpl/layout.py): q, k, v stacked into
+    self_attn.qkv_proj, gate and up into mlp.gate_up_proj, every projection [in, out]."""
+    return transposed(stacked(layer))
 
 
 def load_weights(tensors, cfg, xp):
     """The checked checkpoint tensors (name -> NumPy array, see weights.py), arranged and on the device."""
-    layers = []
-    for i in range(cfg.num_hidden_layers):
-        prefix = f"model.layers.{i}."
-        layer = {n[len(prefix):]: tensors.pop(n) for n in list(tensors) if n.startswith(prefix)}
-        layers.append({name: xp.asarray(t) for name, t in arrange_layer(layer).items()})
-    # The head multiplies every decoded row by a [V, D] matrix, the largest product of a step
-    # (113 MB for a 49152-token vocabulary): stored [D, V], `x @ W` runs 20-30% faster for
-    # 1 to 16 rows than `x @ W.T` does on the checkpoint's layout. A tied model keeps only this
-    # copy; looking up a few embedding columns in it costs microseconds.
-    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    lm_head = xp.asarray(np.ascontiguousarray(tensors.pop(head).T))
-    embed = None if cfg.tie_word_embeddings else xp.asarray(tensors.pop("model.embed_tokens.weight"))
+    layers = [on_device(xp, arrange_layer(take_layer(tensors, i))) for i in range(cfg.num_hidden_layers)]
+    embed, lm_head = embedding_and_head(xp, tensors, cfg.tie_word_embeddings)
     inv_freq = xp.asarray(rope_inverse_frequencies(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling))
     return LlamaWeights(embed, layers, xp.asarray(tensors.pop("model.norm.weight")), lm_head, inv_freq)
 
@@ -327,13 +301,6 @@ def gguf_tensors(gguf_name, w, config):
 # ---------------------------------------------------------------- the forward pass
 
 
-def embed(xp, W, ids):
-    """The embedding rows of token ids [N] -> [N, D]; a tied model reads them as columns of the head."""
-    if W.embed_tokens is None:
-        return xp.permute_dims(xp.take(W.lm_head, ids, axis=1), (1, 0))
-    return xp.take(W.embed_tokens, ids, axis=0)
-
-
 def self_attention(xp, cfg, w, layer, x, cos, sin, batch):
     """Project to q, k, v, rotate q and k by position, attend over each sequence's cache, project back."""
     N, H, Hkv, Dh = x.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -367,10 +334,9 @@ def forward(model, tokens, caches, all_logits=False):
     """
     xp, cfg, W = model.xp, model.config, model.weights
     batch = Batch.of(xp, tokens, caches)
-    ids = xp.asarray([t for seq in tokens for t in seq], dtype=xp.int64)  # [N]
     cos, sin = rope_cos_sin(xp, W.inv_freq, batch.positions)
 
-    x = embed(xp, W, ids)  # [N, D]
+    x = embed(xp, W.embed_tokens, W.lm_head, batch.ids)  # [N, D]
     for layer, w in enumerate(W.layers):
         x = block(xp, cfg, w, layer, x, cos, sin, batch)
     batch.advance()

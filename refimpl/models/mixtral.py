@@ -33,10 +33,9 @@ F feed-forward width (of one expert), V vocabulary, B sequences, E experts, k ex
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from refimpl.batching import Batch, attend
 from refimpl.config import ConfigError, rope_parameters
+from refimpl.layout import QKV, embed, embedding_and_head, on_device, stacked, stacked_experts, take_layer, transposed
 from refimpl.ops import linear, moe_mlp, rms_norm, rope, rope_cos_sin, rope_inverse_frequencies, silu
 
 MODEL_TYPES = ("mixtral",)
@@ -156,40 +155,21 @@ def arrange_layer(layer, E):
     - Every projection is stored transposed, [in, out], so that `x @ W` is a plain row-major
       product (see llama.py); the router too: block_sparse_moe.gate.weight [D, E].
     """
-    fused = dict(layer)
-    fused["self_attn.qkv_proj.weight"] = np.concatenate(
-        [fused.pop(f"self_attn.{p}_proj.weight") for p in "qkv"], axis=0)  # [(H + 2 Hkv) Dh, D]
-    experts = [f"block_sparse_moe.experts.{e}." for e in range(E)]
-    fused["block_sparse_moe.experts.gate_up_proj"] = np.stack(
-        [np.concatenate([fused.pop(x + "w1.weight"), fused.pop(x + "w3.weight")], axis=0).T for x in experts])
-    fused["block_sparse_moe.experts.down_proj"] = np.stack([fused.pop(x + "w2.weight").T for x in experts])
-    return {name: np.ascontiguousarray(t.T) if t.ndim == 2 else np.ascontiguousarray(t)
-            for name, t in fused.items()}
+    layer = stacked(layer, (QKV,))  # [(H + 2 Hkv) Dh, D]
+    layer = stacked_experts(layer, E, "block_sparse_moe.experts.", "w1.weight", "w3.weight", "w2.weight",
+                            into="block_sparse_moe.experts")
+    return transposed(layer)
 
 
 def load_weights(tensors, cfg, xp):
     """The checked checkpoint tensors (name -> NumPy array, see weights.py), arranged and on the device."""
-    layers = []
-    for i in range(cfg.num_hidden_layers):
-        prefix = f"model.layers.{i}."
-        layer = {n[len(prefix):]: tensors.pop(n) for n in list(tensors) if n.startswith(prefix)}
-        layers.append({name: xp.asarray(t) for name, t in arrange_layer(layer, cfg.num_local_experts).items()})
-    # Stored [D, V] for a faster `x @ W` (see llama.py); a tied model keeps only this copy.
-    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    lm_head = xp.asarray(np.ascontiguousarray(tensors.pop(head).T))
-    embed = None if cfg.tie_word_embeddings else xp.asarray(tensors.pop("model.embed_tokens.weight"))
+    layers = [on_device(xp, arrange_layer(take_layer(tensors, i), cfg.num_local_experts)) for i in range(cfg.num_hidden_layers)]
+    embed, lm_head = embedding_and_head(xp, tensors, cfg.tie_word_embeddings)
     inv_freq = xp.asarray(rope_inverse_frequencies(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling))
     return MixtralWeights(embed, layers, xp.asarray(tensors.pop("model.norm.weight")), lm_head, inv_freq)
 
 
 # ---------------------------------------------------------------- the forward pass
-
-
-def embed(xp, W, ids):
-    """The embedding rows of token ids [N] -> [N, D]; a tied model reads them as columns of the head."""
-    if W.embed_tokens is None:
-        return xp.permute_dims(xp.take(W.lm_head, ids, axis=1), (1, 0))
-    return xp.take(W.embed_tokens, ids, axis=0)
 
 
 def self_attention(xp, cfg, w, layer, x, cos, sin, batch):
@@ -224,10 +204,9 @@ def forward(model, tokens, caches, all_logits=False):
     """
     xp, cfg, W = model.xp, model.config, model.weights
     batch = Batch.of(xp, tokens, caches)
-    ids = xp.asarray([t for seq in tokens for t in seq], dtype=xp.int64)  # [N]
     cos, sin = rope_cos_sin(xp, W.inv_freq, batch.positions)
 
-    x = embed(xp, W, ids)  # [N, D]
+    x = embed(xp, W.embed_tokens, W.lm_head, batch.ids)  # [N, D]
     for layer, w in enumerate(W.layers):
         x = block(xp, cfg, w, layer, x, cos, sin, batch)
     batch.advance()

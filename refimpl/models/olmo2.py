@@ -29,10 +29,9 @@ F feed-forward width, V vocabulary, B sequences.
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from refimpl.batching import Batch, attend
 from refimpl.config import ConfigError, rope_parameters
+from refimpl.layout import embed, embedding_and_head, on_device, stacked, take_layer, transposed
 from refimpl.ops import gated_mlp, linear, rms_norm, rope, rope_cos_sin, rope_inverse_frequencies, silu
 
 MODEL_TYPES = ("olmo2",)
@@ -134,46 +133,21 @@ class Olmo2Weights:
 
 
 def arrange_layer(layer):
-    """Lay one block's matrices out as llama.py does; the numbers stay the checkpoint's.
-
-    q, k and v read the same input, and so do gate and up: each group is stacked into one
-    matrix (self_attn.qkv_proj, mlp.gate_up_proj), one product instead of three or two. Every
-    projection is stored transposed, [in, out], so that `x @ W` is a plain row-major product.
-    The norm gains (1-D) stay as they are.
-    """
-    fused = dict(layer)
-    for new, parts in (("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                       ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"))):
-        for kind in ("weight", "bias"):
-            names = [f"{part}.{kind}" for part in parts]
-            if names[0] in fused:
-                fused[f"{new}.{kind}"] = np.concatenate([fused.pop(n) for n in names], axis=0)
-    return {name: np.ascontiguousarray(t.T) if t.ndim == 2 else t for name, t in fused.items()}
+    """One block's tensors laid out for the forward pass as in the Llama family (refimpl/layout.py):
+    q, k, v stacked into self_attn.qkv_proj, gate and up into mlp.gate_up_proj, every projection
+    [in, out]; the QK-norm gains as they are."""
+    return transposed(stacked(layer))
 
 
 def load_weights(tensors, cfg, xp):
     """The checked checkpoint tensors (name -> NumPy array, see weights.py), arranged and on the device."""
-    layers = []
-    for i in range(cfg.num_hidden_layers):
-        prefix = f"model.layers.{i}."
-        layer = {n[len(prefix):]: tensors.pop(n) for n in list(tensors) if n.startswith(prefix)}
-        layers.append({name: xp.asarray(t) for name, t in arrange_layer(layer).items()})
-    # Stored [D, V] for a faster `x @ W` (see llama.py); a tied model keeps only this copy.
-    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    lm_head = xp.asarray(np.ascontiguousarray(tensors.pop(head).T))
-    embed = None if cfg.tie_word_embeddings else xp.asarray(tensors.pop("model.embed_tokens.weight"))
+    layers = [on_device(xp, arrange_layer(take_layer(tensors, i))) for i in range(cfg.num_hidden_layers)]
+    embed, lm_head = embedding_and_head(xp, tensors, cfg.tie_word_embeddings)
     inv_freq = xp.asarray(rope_inverse_frequencies(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling))
     return Olmo2Weights(embed, layers, xp.asarray(tensors.pop("model.norm.weight")), lm_head, inv_freq)
 
 
 # ---------------------------------------------------------------- the forward pass
-
-
-def embed(xp, W, ids):
-    """The embedding rows of token ids [N] -> [N, D]; a tied model reads them as columns of the head."""
-    if W.embed_tokens is None:
-        return xp.permute_dims(xp.take(W.lm_head, ids, axis=1), (1, 0))
-    return xp.take(W.embed_tokens, ids, axis=0)
 
 
 def self_attention(xp, cfg, w, layer, x, cos, sin, batch):
@@ -209,10 +183,9 @@ def forward(model, tokens, caches, all_logits=False):
     """
     xp, cfg, W = model.xp, model.config, model.weights
     batch = Batch.of(xp, tokens, caches)
-    ids = xp.asarray([t for seq in tokens for t in seq], dtype=xp.int64)  # [N]
     cos, sin = rope_cos_sin(xp, W.inv_freq, batch.positions)
 
-    x = embed(xp, W, ids)  # [N, D]
+    x = embed(xp, W.embed_tokens, W.lm_head, batch.ids)  # [N, D]
     for layer, w in enumerate(W.layers):
         x = block(xp, cfg, w, layer, x, cos, sin, batch)
     batch.advance()

@@ -42,6 +42,7 @@ import numpy as np
 
 from refimpl.batching import Batch, attend
 from refimpl.config import ConfigError
+from refimpl.layout import embed, embedding_and_head, on_device, take_layer, transposed
 from refimpl.ops import gated_mlp, linear, rms_norm, rope, rope_cos_sin, rope_inverse_frequencies, silu
 
 MODEL_TYPES = ("phi3",)
@@ -215,14 +216,8 @@ def load_weights(tensors, cfg, xp):
     The checkpoint already fuses q/k/v and gate/up, so the only rearranging is a transpose of every
     matrix to [in, out], so that `x @ W` is a plain row-major product (as in llama.py).
     """
-    layers = []
-    for i in range(cfg.num_hidden_layers):
-        prefix = f"model.layers.{i}."
-        layer = {n[len(prefix):]: tensors.pop(n) for n in list(tensors) if n.startswith(prefix)}
-        layers.append({name: xp.asarray(np.ascontiguousarray(t.T) if t.ndim == 2 else t) for name, t in layer.items()})
-    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    lm_head = xp.asarray(np.ascontiguousarray(tensors.pop(head).T))
-    embed = None if cfg.tie_word_embeddings else xp.asarray(tensors.pop("model.embed_tokens.weight"))
+    layers = [on_device(xp, transposed(take_layer(tensors, i))) for i in range(cfg.num_hidden_layers)]
+    embed, lm_head = embedding_and_head(xp, tensors, cfg.tie_word_embeddings)
     if cfg.longrope:
         inv_freq = longrope_inverse_frequencies(cfg.rope_theta, cfg.rotary_dim, cfg.longrope["short_factor"])
         long_inv_freq = xp.asarray(longrope_inverse_frequencies(cfg.rope_theta, cfg.rotary_dim, cfg.longrope["long_factor"]))
@@ -328,13 +323,6 @@ def gguf_tensors(gguf_name, w, config):
 # ---------------------------------------------------------------- the forward pass
 
 
-def embed(xp, W, ids):
-    """The embedding rows of token ids [N] -> [N, D]; a tied model reads them as columns of the head."""
-    if W.embed_tokens is None:
-        return xp.permute_dims(xp.take(W.lm_head, ids, axis=1), (1, 0))
-    return xp.take(W.embed_tokens, ids, axis=0)
-
-
 def rotation(xp, cfg, W, tokens, caches):
     """cos and sin [N, 1, R] of every new token's rotation: each sequence at its own positions,
     with its own LongRoPE factors (uses_long_factors), scaled by LongRoPE's attention factor."""
@@ -391,9 +379,8 @@ def forward(model, tokens, caches, all_logits=False):
     xp, cfg, W = model.xp, model.config, model.weights
     cos, sin = rotation(xp, cfg, W, tokens, caches)  # before the caches advance
     batch = Batch.of(xp, tokens, caches)
-    ids = xp.asarray([t for seq in tokens for t in seq], dtype=xp.int64)  # [N]
 
-    x = embed(xp, W, ids)  # [N, D]
+    x = embed(xp, W.embed_tokens, W.lm_head, batch.ids)  # [N, D]
     for layer, w in enumerate(W.layers):
         x = block(xp, cfg, w, layer, x, cos, sin, batch)
     batch.advance()

@@ -38,12 +38,10 @@ B sequences.
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from refimpl.batching import Batch, attend
 from refimpl.config import ConfigError, rope_parameters
-from refimpl.ops import (gated_mlp, linear, moe_mlp, rms_norm, rope, rope_cos_sin, rope_inverse_frequencies,
-                         silu)
+from refimpl.layout import embed, embedding_and_head, on_device, stacked, stacked_experts, take_layer, transposed
+from refimpl.ops import gated_mlp, linear, moe_mlp, rms_norm, rope, rope_cos_sin, rope_inverse_frequencies, silu
 
 MODEL_TYPES = ("qwen3_moe",)
 
@@ -176,46 +174,22 @@ def arrange_layer(layer, E):
     - Every projection is stored transposed, [in, out], so that `x @ W` is a plain row-major
       product (see llama.py); the router too: mlp.gate.weight [D, E].
     """
-    fused = dict(layer)
-    for new, parts in (("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                       ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"))):
-        for kind in ("weight", "bias"):
-            names = [f"{part}.{kind}" for part in parts]
-            if names[0] in fused:
-                fused[f"{new}.{kind}"] = np.concatenate([fused.pop(n) for n in names], axis=0)
-    if "mlp.gate.weight" in fused:
-        experts = [f"mlp.experts.{e}." for e in range(E)]
-        fused["mlp.experts.gate_up_proj"] = np.stack(  # [E, D, 2Fe]
-            [np.concatenate([fused.pop(x + "gate_proj.weight"), fused.pop(x + "up_proj.weight")], axis=0).T
-             for x in experts])
-        fused["mlp.experts.down_proj"] = np.stack([fused.pop(x + "down_proj.weight").T for x in experts])  # [E, Fe, D]
-    return {name: np.ascontiguousarray(t.T) if t.ndim == 2 else np.ascontiguousarray(t)
-            for name, t in fused.items()}
+    layer = stacked(layer)
+    if "mlp.gate.weight" in layer:  # a MoE block
+        layer = stacked_experts(layer, E, "mlp.experts.", "gate_proj.weight", "up_proj.weight", "down_proj.weight",
+                                into="mlp.experts")
+    return transposed(layer)
 
 
 def load_weights(tensors, cfg, xp):
     """The checked checkpoint tensors (name -> NumPy array, see weights.py), arranged and on the device."""
-    layers = []
-    for i in range(cfg.num_hidden_layers):
-        prefix = f"model.layers.{i}."
-        layer = {n[len(prefix):]: tensors.pop(n) for n in list(tensors) if n.startswith(prefix)}
-        layers.append({name: xp.asarray(t) for name, t in arrange_layer(layer, cfg.num_experts).items()})
-    # Stored [D, V] for a faster `x @ W` (see llama.py); a tied model keeps only this copy.
-    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    lm_head = xp.asarray(np.ascontiguousarray(tensors.pop(head).T))
-    embed = None if cfg.tie_word_embeddings else xp.asarray(tensors.pop("model.embed_tokens.weight"))
+    layers = [on_device(xp, arrange_layer(take_layer(tensors, i), cfg.num_experts)) for i in range(cfg.num_hidden_layers)]
+    embed, lm_head = embedding_and_head(xp, tensors, cfg.tie_word_embeddings)
     inv_freq = xp.asarray(rope_inverse_frequencies(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling))
     return Qwen3MoeWeights(embed, layers, xp.asarray(tensors.pop("model.norm.weight")), lm_head, inv_freq)
 
 
 # ---------------------------------------------------------------- the forward pass
-
-
-def embed(xp, W, ids):
-    """The embedding rows of token ids [N] -> [N, D]; a tied model reads them as columns of the head."""
-    if W.embed_tokens is None:
-        return xp.permute_dims(xp.take(W.lm_head, ids, axis=1), (1, 0))
-    return xp.take(W.embed_tokens, ids, axis=0)
 
 
 def self_attention(xp, cfg, w, layer, x, cos, sin, batch):
@@ -259,10 +233,9 @@ def forward(model, tokens, caches, all_logits=False):
     """
     xp, cfg, W = model.xp, model.config, model.weights
     batch = Batch.of(xp, tokens, caches)
-    ids = xp.asarray([t for seq in tokens for t in seq], dtype=xp.int64)  # [N]
     cos, sin = rope_cos_sin(xp, W.inv_freq, batch.positions)
 
-    x = embed(xp, W, ids)  # [N, D]
+    x = embed(xp, W.embed_tokens, W.lm_head, batch.ids)  # [N, D]
     for layer, w in enumerate(W.layers):
         x = block(xp, cfg, w, layer, x, cos, sin, batch)
     batch.advance()
