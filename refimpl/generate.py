@@ -229,7 +229,7 @@ class Generation:
     def __iter__(self):
         model, params = self.model, self.params
         t0 = time.perf_counter()
-        cache = model.new_cache(len(self.prompt_ids) + self.max_new)
+        cache = model.new_cache(len(self.prompt_ids) + self.max_new, len(self.prompt_ids))
         logits = forward(model, [self.prompt_ids], [cache])  # [1, V]
         t1 = time.perf_counter()
         self.usage.prompt_seconds = t1 - t0
@@ -253,7 +253,7 @@ class Generation:
                 for i, s in enumerate(seeds)]
 
     def copy_of(self, cache):
-        twin = self.model.new_cache(cache.capacity)
+        twin = self.model.new_cache(cache.capacity, cache.prompt_length)
         twin.copy_prefix(self.model.xp, cache, cache.length)
         return twin
 

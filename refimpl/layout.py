@@ -75,5 +75,8 @@ def embed(xp, embed_tokens, lm_head, ids):
     """The embedding rows of token ids [N] -> [N, D]; a tied model (embed_tokens None) reads them as
     columns of the head [D, V]."""
     if embed_tokens is None:
-        return xp.permute_dims(xp.take(lm_head, ids, axis=1), (1, 0))
+        rows = xp.matrix_transpose(xp.take(lm_head, ids, axis=1))  # [N, D], a transposed view of [D, N]
+        # Copied row after row (flattening a transposed view copies it): NumPy would sum a view's rows
+        # in an order that depends on N (see batching.py).
+        return xp.reshape(xp.reshape(rows, (-1,)), rows.shape)
     return xp.take(embed_tokens, ids, axis=0)

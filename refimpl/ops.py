@@ -27,17 +27,33 @@ def silu(xp, x):
     return x / (1.0 + xp.exp(-x))
 
 
-def linear(x, w, name, bias):
-    """x @ W (+ b): the weight named `name`, stored [in, out] (the family's arrange step)."""
-    y = x @ w[name + ".weight"]
+def linear(batch, x, w, name, bias):
+    """x @ W (+ b): the weight named `name`, stored [in, out] (the family's arrange step).
+    The batch multiplies, so that each row gets the same bits whatever shares the call (batching.py)."""
+    y = batch.matmul(x, w[name + ".weight"])
     return y + w[name + ".bias"] if bias else y
 
 
-def gated_mlp(xp, w, x, F, bias, act):
+def gated_mlp(xp, batch, w, x, F, bias, act):
     """A gated MLP (SwiGLU when act is silu): down(act(gate(x)) * up(x)), with gate and up stored
     side by side as one [D, 2F] matrix (mlp.gate_up_proj)."""
-    gate_up = linear(x, w, "mlp.gate_up_proj", bias)  # [N, 2F]
-    return linear(act(xp, gate_up[:, :F]) * gate_up[:, F:], w, "mlp.down_proj", bias)  # [N, D]
+    gate_up = linear(batch, x, w, "mlp.gate_up_proj", bias)  # [N, 2F]
+    return linear(batch, act(xp, gate_up[:, :F]) * gate_up[:, F:], w, "mlp.down_proj", bias)  # [N, D]
+
+
+# Matrices wider than this are multiplied a block of columns at a time, so that the block stays in
+# the processor's cache while every row reads it: the default model's output head is 113 MB.
+COLUMN_BLOCK = 4096
+
+
+def rowwise_matmul(xp, x, w):
+    """x [N, K] @ w [K, M] as N matrix-vector products, one per row: a row's result is the same
+    bits however many rows there are (one [N, K] product would not be; see batching.py)."""
+    x = xp.expand_dims(x, axis=1)  # [N, 1, K]: matmul then runs one vector-matrix product per row
+    M = w.shape[1]
+    if M <= COLUMN_BLOCK:
+        return (x @ w)[:, 0, :]
+    return xp.concat([(x @ w[:, j:j + COLUMN_BLOCK])[:, 0, :] for j in range(0, M, COLUMN_BLOCK)], axis=1)
 
 
 # ---------------------------------------------------------------- rotary position embeddings
@@ -86,29 +102,57 @@ def rope(xp, x, cos, sin):
 
 # ---------------------------------------------------------------- attention
 
-# Queries are attended in blocks of this many rows: the [H, T, S] score matrix of a long prompt
-# would not fit in memory (8192 tokens: 2.4 GB per layer), and each block skips the keys after
-# its last query, which the causal mask would hide anyway.
-QUERY_BLOCK = 128
+# A prompt's queries are attended in blocks of this many positions, aligned to multiples of it:
+# the block of positions a..a+KEY_BLOCK-1 is one product per key/value head over the keys from
+# its first query's window start (0 without a window) to a+KEY_BLOCK, the later ones masked.
+# A query's row of that product has a place (its position - a) and a shape fixed by its position
+# alone, whichever chunk of the prompt it comes in and whatever else shares the call: the same
+# bits (batching.py). Rows of the block outside the chunk are zeros, and long prompts never need
+# a [T, S] score matrix larger than one block's.
+KEY_BLOCK = 64
 
 
 def attention(xp, q, k, v, start, window, scale=None, softcap=None):
     """Causal attention of one sequence's queries q [T, H, Dh], at positions start..start+T-1,
-    over its keys and values k, v [Hkv, S, Dh] at positions 0..S-1 (S = start + T).
+    over its keys and values k, v [Hkv, S, Dh] at positions 0..S-1 (positions after a query's own
+    are never seen; k and v may hold more, up to the end of the last query's block).
 
     `scale` multiplies the scores (None: 1/sqrt(Dh)); `softcap`, when set, bounds them smoothly
     to (-softcap, softcap) before the mask (Gemma 2). Both None: plain scaled dot-product attention.
     """
-    T = q.shape[0]
+    T, H, Dh = q.shape
+    first_block, end = start // KEY_BLOCK * KEY_BLOCK, -(-(start + T) // KEY_BLOCK) * KEY_BLOCK
+    if k.shape[1] < end:  # keys held only up to the last query: pad to the block's end (never seen)
+        pad = xp.zeros((k.shape[0], end - k.shape[1], k.shape[2]), dtype=k.dtype)
+        k, v = xp.concat([k, pad], axis=1), xp.concat([v, pad], axis=1)
+    # The chunk's queries in whole blocks: zero rows before and after it.
+    q = xp.concat([xp.zeros((start - first_block, H, Dh), dtype=q.dtype), q,
+                   xp.zeros((end - start - T, H, Dh), dtype=q.dtype)], axis=0)
     outs = []
-    for i in range(0, T, QUERY_BLOCK):
-        j = min(i + QUERY_BLOCK, T)
-        k_lo = 0 if window is None else max(0, start + i - window + 1)  # first key any query here sees
-        k_hi = start + j  # one past the last key the last query here sees
-        q_pos, k_pos = xp.arange(start + i, start + j), xp.arange(k_lo, k_hi)
-        outs.append(attention_block(xp, q[i:j, ...], k[:, k_lo:k_hi, :], v[:, k_lo:k_hi, :], q_pos, k_pos, window,
-                                    scale, softcap))
-    return outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)  # [T, H*Dh]
+    for a in range(first_block, end, KEY_BLOCK):
+        k_lo = 0 if window is None else max(0, a - window + 1) // KEY_BLOCK * KEY_BLOCK
+        q_pos, k_pos = xp.arange(a, a + KEY_BLOCK), xp.arange(k_lo, a + KEY_BLOCK)
+        outs.append(attention_block(xp, q[a - first_block:a - first_block + KEY_BLOCK, ...], k[:, k_lo:a + KEY_BLOCK, :],
+                                    v[:, k_lo:a + KEY_BLOCK, :], q_pos, k_pos, window, scale, softcap))
+    out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)  # [end - first_block, H*Dh]
+    return out[start - first_block:start - first_block + T, ...]  # [T, H*Dh]
+
+
+def decode_attention(xp, q, k, v, position, window, scale=None, softcap=None):
+    """attention() for the one query q [1, H, Dh] of a decoding step, at `position`: over exactly the
+    keys it sees, so that no mask is needed (the shapes still depend on its position alone)."""
+    _, H, Dh = q.shape
+    Hkv = k.shape[0]
+    first = 0 if window is None else max(0, position - window + 1)
+    k, v = k[:, first:position + 1, :], v[:, first:position + 1, :]  # [Hkv, S, Dh]
+    scale = (1.0 / math.sqrt(Dh)) if scale is None else scale
+    q = xp.reshape(q, (Hkv, H // Hkv, Dh)) * scale  # [Hkv, G, Dh]
+    scores = q @ xp.matrix_transpose(k)  # [Hkv, G, S]
+    if softcap is not None:
+        scores = soft_cap(xp, scores, softcap)
+    weights = xp.exp(scores - xp.max(scores, axis=-1, keepdims=True))
+    out = (weights @ v) / xp.sum(weights, axis=-1, keepdims=True)  # [Hkv, G, Dh]
+    return xp.reshape(out, (1, H * Dh))
 
 
 def attention_block(xp, q, k, v, q_pos, k_pos, window, scale=None, softcap=None):
@@ -128,12 +172,11 @@ def attention_block(xp, q, k, v, q_pos, k_pos, window, scale=None, softcap=None)
     scores = xp.reshape(q @ xp.matrix_transpose(k), (Hkv, G, T, S))  # [Hkv, G, T, S]
     if softcap is not None:  # Gemma 2: capped before the mask, as transformers does
         scores = soft_cap(xp, scores, softcap)
-    if T > 1:  # a single query (decoding) sees every key of its slice: attention() cut it so
-        visible = k_pos[None, :] <= q_pos[:, None]  # [T, S] causal: never a later position
-        if window is not None:
-            visible = visible & (q_pos[:, None] - k_pos[None, :] < window)  # only the last `window` keys
-        # -inf, not a large negative number: exp(-inf) is exactly 0, so hidden keys get no weight at all.
-        scores = xp.where(visible, scores, -math.inf)
+    visible = k_pos[None, :] <= q_pos[:, None]  # [T, S] causal: never a later position
+    if window is not None:
+        visible = visible & (q_pos[:, None] - k_pos[None, :] < window)  # only the last `window` keys
+    # -inf, not a large negative number: exp(-inf) is exactly 0, so hidden keys get no weight at all.
+    scores = xp.where(visible, scores, -math.inf)
     # Softmax, its division postponed: subtract the row maximum so exp never overflows.
     weights = xp.exp(scores - xp.max(scores, axis=-1, keepdims=True))  # [Hkv, G, T, S]
     total = xp.reshape(xp.sum(weights, axis=-1, keepdims=True), (Hkv, G * T, 1))
@@ -179,13 +222,14 @@ def moe_mlp(xp, x, router, gate_up, down, top_k, renormalize, act):
     to sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob); otherwise they stay shares of all E.
 
     Each expert runs only on the tokens routed to it: the N*top_k (token, slot) pairs are sorted
-    by expert, so expert e reads its tokens as one contiguous block of rows and computes them in
-    one product; the outputs are put back in pair order and summed per token, slot 0 first,
-    whatever else is in the batch.
+    by expert, so expert e reads its tokens as one contiguous block of rows and computes them
+    with its weights while they are in the cache, one row at a time (rowwise_matmul: a token's
+    bits must not depend on how many others chose the same expert); the outputs are put back in
+    pair order and summed per token, slot 0 first, whatever else is in the batch.
     """
     N, D = x.shape
     E, F = gate_up.shape[0], down.shape[1]
-    logits = x @ router  # [N, E]
+    logits = rowwise_matmul(xp, x, router)  # [N, E]
     probs = xp.exp(logits - xp.max(logits, axis=-1, keepdims=True))
     probs = probs / xp.sum(probs, axis=-1, keepdims=True)  # [N, E] softmax over all experts
     # A stable descending sort: on an exact tie the lower expert id comes first.
@@ -202,8 +246,8 @@ def moe_mlp(xp, x, router, gate_up, down, top_k, renormalize, act):
     for e in range(E):
         n = int(counts[e])
         if n:
-            g = h[lo:lo + n, :] @ gate_up[e, ...]  # [n, 2F]: gate and up side by side
-            outs.append((act(xp, g[:, :F]) * g[:, F:]) @ down[e, ...])  # [n, D]
+            g = rowwise_matmul(xp, h[lo:lo + n, :], gate_up[e, ...])  # [n, 2F]: gate and up side by side
+            outs.append(rowwise_matmul(xp, act(xp, g[:, :F]) * g[:, F:], down[e, ...]))  # [n, D]
         lo += n
     y = xp.take(xp.concat(outs, axis=0), xp.argsort(order), axis=0)  # [N*k, D] back in pair order
     return xp.sum(xp.reshape(y, (N, top_k, D)) * weights[:, :, None], axis=1)  # [N, D]

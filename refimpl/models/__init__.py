@@ -39,8 +39,9 @@ class Model:
     xp: object  # the array namespace
     family: object  # the family's module
 
-    def new_cache(self, capacity):
-        cache = KVCache(self.xp, self.config, capacity)
+    def new_cache(self, capacity, prompt_length=None):
+        """A KV cache for `capacity` positions, of which the first `prompt_length` are the prompt."""
+        cache = KVCache(self.xp, self.config, capacity, prompt_length)
         if hasattr(self.family, "cache_kind"):  # the few families whose keys depend on more than position
             cache.kind = self.family.cache_kind(self.config, capacity)
         return cache

@@ -375,7 +375,7 @@ def self_attention(xp, cfg, w, layer, x, cos, sin, window, batch):
     """Project to q, k, v, (Gemma 3) normalise each head, rotate q and k by position, attend over
     each sequence's cache with Gemma's scale and soft cap, project back."""
     N, H, Hkv, Dh = x.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    qkv = linear(x, w, "self_attn.qkv_proj", False)  # [N, (H + 2 Hkv) Dh]: q, k, v side by side
+    qkv = linear(batch, x, w, "self_attn.qkv_proj", False)  # [N, (H + 2 Hkv) Dh]: q, k, v side by side
     q = xp.reshape(qkv[:, :H * Dh], (N, H, Dh))
     k = xp.reshape(qkv[:, H * Dh:(H + Hkv) * Dh], (N, Hkv, Dh))
     v = xp.reshape(qkv[:, (H + Hkv) * Dh:], (N, Hkv, Dh))
@@ -385,7 +385,7 @@ def self_attention(xp, cfg, w, layer, x, cos, sin, window, batch):
     q, k = rope(xp, q, cos, sin), rope(xp, k, cos, sin)
     out = attend(xp, batch, layer, q, k, v, window,
                  scale=cfg.query_pre_attn_scalar ** -0.5, softcap=cfg.attn_logit_softcapping)  # [N, H*Dh]
-    return linear(out, w, "self_attn.o_proj", False)  # [N, D]
+    return linear(batch, out, w, "self_attn.o_proj", False)  # [N, D]
 
 
 def block(xp, cfg, w, layer, x, cos, sin, window, batch):
@@ -394,7 +394,7 @@ def block(xp, cfg, w, layer, x, cos, sin, window, batch):
     h = self_attention(xp, cfg, w, layer, rms_norm(xp, x, w["input_layernorm.weight"], eps), cos, sin, window, batch)
     x = x + rms_norm(xp, h, w["post_attention_layernorm.weight"], eps)  # [N, D]
     h = rms_norm(xp, x, w["pre_feedforward_layernorm.weight"], eps)
-    h = gated_mlp(xp, w, h, cfg.intermediate_size, False, gelu_tanh)  # GeGLU
+    h = gated_mlp(xp, batch, w, h, cfg.intermediate_size, False, gelu_tanh)  # GeGLU
     return x + rms_norm(xp, h, w["post_feedforward_layernorm.weight"], eps)  # [N, D]
 
 
@@ -403,7 +403,8 @@ def forward(model, tokens, caches, all_logits=False):
 
     tokens: one list of token ids per sequence; caches: that sequence's KVCache, whose `length`
     says how many positions came before. Returns logits [B, V] for the last token of each
-    sequence, or [N, V] for every token when `all_logits` (scoring a prompt).
+    sequence, or [N, V] for every token when `all_logits` (scoring a prompt); a list of bools
+    asks per sequence, rows in sequence order (Batch.logits).
     """
     xp, cfg, W = model.xp, model.config, model.weights
     batch = Batch.of(xp, tokens, caches)
@@ -416,9 +417,8 @@ def forward(model, tokens, caches, all_logits=False):
         x = block(xp, cfg, w, layer, x, *rotations[kind], window, batch)
     batch.advance()
 
-    if not all_logits:  # only the last position of each sequence predicts its next token
-        x = batch.last_rows(xp, x)  # [B, D]
-    logits = rms_norm(xp, x, W.norm, cfg.rms_norm_eps) @ W.lm_head  # [B, V] or [N, V]
+    # Each sequence's last position predicts its next token; scoring a prompt wants every position's.
+    logits = batch.logits(rms_norm(xp, x, W.norm, cfg.rms_norm_eps), W.lm_head, all_logits)  # [B, V] or [N, V]
     if cfg.final_logit_softcapping is not None:
         logits = soft_cap(xp, logits, cfg.final_logit_softcapping)
     return logits

@@ -225,24 +225,24 @@ def embed(xp, W, ids, positions):
 def self_attention(xp, cfg, w, layer, x, batch):
     """Project to q, k, v with one fused matrix, attend over each sequence's cache, project back."""
     N, H, Dh = x.shape[0], cfg.num_attention_heads, cfg.head_dim
-    qkv = linear(x, w, "attn.c_attn", True)  # [N, 3 H Dh]: q, k, v side by side
+    qkv = linear(batch, x, w, "attn.c_attn", True)  # [N, 3 H Dh]: q, k, v side by side
     q = xp.reshape(qkv[:, :H * Dh], (N, H, Dh))
     k = xp.reshape(qkv[:, H * Dh:2 * H * Dh], (N, H, Dh))
     v = xp.reshape(qkv[:, 2 * H * Dh:], (N, H, Dh))
     out = attend(xp, batch, layer, q, k, v, None)  # [N, H*Dh]; full causal attention, scaled by 1/sqrt(Dh)
-    return linear(out, w, "attn.c_proj", True)  # [N, D]
+    return linear(batch, out, w, "attn.c_proj", True)  # [N, D]
 
 
-def mlp(xp, w, x):
+def mlp(xp, w, x, batch):
     """The plain (ungated) MLP: c_proj(gelu(c_fc(x)))."""
-    return linear(gelu_tanh(xp, linear(x, w, "mlp.c_fc", True)), w, "mlp.c_proj", True)  # [N, F] -> [N, D]
+    return linear(batch, gelu_tanh(xp, linear(batch, x, w, "mlp.c_fc", True)), w, "mlp.c_proj", True)  # [N, F] -> [N, D]
 
 
 def block(xp, cfg, w, layer, x, batch):
     """One transformer block with pre-normalisation and residual connections."""
     eps = cfg.layer_norm_epsilon
     x = x + self_attention(xp, cfg, w, layer, layer_norm(xp, x, w["ln_1.weight"], w["ln_1.bias"], eps), batch)
-    return x + mlp(xp, w, layer_norm(xp, x, w["ln_2.weight"], w["ln_2.bias"], eps))
+    return x + mlp(xp, w, layer_norm(xp, x, w["ln_2.weight"], w["ln_2.bias"], eps), batch)
 
 
 def forward(model, tokens, caches, all_logits=False):
@@ -250,7 +250,8 @@ def forward(model, tokens, caches, all_logits=False):
 
     tokens: one list of token ids per sequence; caches: that sequence's KVCache, whose `length`
     says how many positions came before. Returns logits [B, V] for the last token of each
-    sequence, or [N, V] for every token when `all_logits` (scoring a prompt).
+    sequence, or [N, V] for every token when `all_logits` (scoring a prompt); a list of bools
+    asks per sequence, rows in sequence order (Batch.logits).
     """
     xp, cfg, W = model.xp, model.config, model.weights
     for seq, cache in zip(tokens, caches):  # wpe has no row for a later position
@@ -264,7 +265,5 @@ def forward(model, tokens, caches, all_logits=False):
         x = block(xp, cfg, w, layer, x, batch)
     batch.advance()
 
-    if not all_logits:  # only the last position of each sequence predicts its next token
-        x = batch.last_rows(xp, x)  # [B, D]
-    x = layer_norm(xp, x, *W.ln_f, cfg.layer_norm_epsilon)
-    return x @ W.lm_head  # [B, V] or [N, V]
+    # Each sequence's last position predicts its next token; scoring a prompt wants every position's.
+    return batch.logits(layer_norm(xp, x, *W.ln_f, cfg.layer_norm_epsilon), W.lm_head, all_logits)  # [B, V] or [N, V]

@@ -175,13 +175,13 @@ def load_weights(tensors, cfg, xp):
 def self_attention(xp, cfg, w, layer, x, cos, sin, batch):
     """Mistral's attention: project to q, k, v, rotate q and k by position, attend, project back."""
     N, H, Hkv, Dh = x.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    qkv = linear(x, w, "self_attn.qkv_proj", False)  # [N, (H + 2 Hkv) Dh]: q, k, v side by side; no biases
+    qkv = linear(batch, x, w, "self_attn.qkv_proj", False)  # [N, (H + 2 Hkv) Dh]: q, k, v side by side; no biases
     q = xp.reshape(qkv[:, :H * Dh], (N, H, Dh))
     k = xp.reshape(qkv[:, H * Dh:(H + Hkv) * Dh], (N, Hkv, Dh))
     v = xp.reshape(qkv[:, (H + Hkv) * Dh:], (N, Hkv, Dh))
     q, k = rope(xp, q, cos, sin), rope(xp, k, cos, sin)
     out = attend(xp, batch, layer, q, k, v, cfg.sliding_window)  # [N, H*Dh]
-    return linear(out, w, "self_attn.o_proj", False)  # [N, D]
+    return linear(batch, out, w, "self_attn.o_proj", False)  # [N, D]
 
 
 def block(xp, cfg, w, layer, x, cos, sin, batch):
@@ -200,7 +200,8 @@ def forward(model, tokens, caches, all_logits=False):
 
     tokens: one list of token ids per sequence; caches: that sequence's KVCache, whose `length`
     says how many positions came before. Returns logits [B, V] for the last token of each
-    sequence, or [N, V] for every token when `all_logits` (scoring a prompt).
+    sequence, or [N, V] for every token when `all_logits` (scoring a prompt); a list of bools
+    asks per sequence, rows in sequence order (Batch.logits).
     """
     xp, cfg, W = model.xp, model.config, model.weights
     batch = Batch.of(xp, tokens, caches)
@@ -211,7 +212,5 @@ def forward(model, tokens, caches, all_logits=False):
         x = block(xp, cfg, w, layer, x, cos, sin, batch)
     batch.advance()
 
-    if not all_logits:  # only the last position of each sequence predicts its next token
-        x = batch.last_rows(xp, x)  # [B, D]
-    x = rms_norm(xp, x, W.norm, cfg.rms_norm_eps)
-    return x @ W.lm_head  # [B, V] or [N, V]
+    # Each sequence's last position predicts its next token; scoring a prompt wants every position's.
+    return batch.logits(rms_norm(xp, x, W.norm, cfg.rms_norm_eps), W.lm_head, all_logits)  # [B, V] or [N, V]

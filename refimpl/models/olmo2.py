@@ -153,7 +153,7 @@ def load_weights(tensors, cfg, xp):
 def self_attention(xp, cfg, w, layer, x, cos, sin, batch):
     """Project to q, k, v, normalise q and k as whole rows, split into heads, rotate, attend, project back."""
     N, H, Hkv, Dh = x.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    qkv = linear(x, w, "self_attn.qkv_proj", cfg.attention_bias)  # [N, (H + 2 Hkv) Dh]: q, k, v side by side
+    qkv = linear(batch, x, w, "self_attn.qkv_proj", cfg.attention_bias)  # [N, (H + 2 Hkv) Dh]: q, k, v side by side
     # QK-norm: the RMS is taken over all H * Dh values of a token's q (Hkv * Dh of its k), not
     # head by head, so the heads of one token share one scale; then the heads are split off.
     q = rms_norm(xp, qkv[:, :H * Dh], w["self_attn.q_norm.weight"], cfg.rms_norm_eps)  # [N, H*Dh]
@@ -163,14 +163,14 @@ def self_attention(xp, cfg, w, layer, x, cos, sin, batch):
     v = xp.reshape(qkv[:, (H + Hkv) * Dh:], (N, Hkv, Dh))
     q, k = rope(xp, q, cos, sin), rope(xp, k, cos, sin)
     out = attend(xp, batch, layer, q, k, v, None)  # [N, H*Dh]; full causal attention
-    return linear(out, w, "self_attn.o_proj", cfg.attention_bias)  # [N, D]
+    return linear(batch, out, w, "self_attn.o_proj", cfg.attention_bias)  # [N, D]
 
 
 def block(xp, cfg, w, layer, x, cos, sin, batch):
     """One transformer block with post-normalisation: each branch's output is normalised, not its input."""
     h = self_attention(xp, cfg, w, layer, x, cos, sin, batch)  # [N, D]
     x = x + rms_norm(xp, h, w["post_attention_layernorm.weight"], cfg.rms_norm_eps)
-    h = gated_mlp(xp, w, x, cfg.intermediate_size, False, silu)  # SwiGLU, never biased in OLMo 2
+    h = gated_mlp(xp, batch, w, x, cfg.intermediate_size, False, silu)  # SwiGLU, never biased in OLMo 2
     return x + rms_norm(xp, h, w["post_feedforward_layernorm.weight"], cfg.rms_norm_eps)
 
 
@@ -179,7 +179,8 @@ def forward(model, tokens, caches, all_logits=False):
 
     tokens: one list of token ids per sequence; caches: that sequence's KVCache, whose `length`
     says how many positions came before. Returns logits [B, V] for the last token of each
-    sequence, or [N, V] for every token when `all_logits` (scoring a prompt).
+    sequence, or [N, V] for every token when `all_logits` (scoring a prompt); a list of bools
+    asks per sequence, rows in sequence order (Batch.logits).
     """
     xp, cfg, W = model.xp, model.config, model.weights
     batch = Batch.of(xp, tokens, caches)
@@ -190,7 +191,5 @@ def forward(model, tokens, caches, all_logits=False):
         x = block(xp, cfg, w, layer, x, cos, sin, batch)
     batch.advance()
 
-    if not all_logits:  # only the last position of each sequence predicts its next token
-        x = batch.last_rows(xp, x)  # [B, D]
-    x = rms_norm(xp, x, W.norm, cfg.rms_norm_eps)
-    return x @ W.lm_head  # [B, V] or [N, V]
+    # Each sequence's last position predicts its next token; scoring a prompt wants every position's.
+    return batch.logits(rms_norm(xp, x, W.norm, cfg.rms_norm_eps), W.lm_head, all_logits)  # [B, V] or [N, V]

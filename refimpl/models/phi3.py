@@ -352,13 +352,13 @@ def partial_rope(xp, x, cos, sin):
 def self_attention(xp, cfg, w, layer, x, cos, sin, batch):
     """Project to q, k, v (one fused matrix), rotate q and k by position, attend, project back."""
     N, H, Hkv, Dh = x.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    qkv = linear(x, w, "self_attn.qkv_proj", False)  # [N, (H + 2 Hkv) Dh]: q, k, v side by side
+    qkv = linear(batch, x, w, "self_attn.qkv_proj", False)  # [N, (H + 2 Hkv) Dh]: q, k, v side by side
     q = xp.reshape(qkv[:, :H * Dh], (N, H, Dh))
     k = xp.reshape(qkv[:, H * Dh:(H + Hkv) * Dh], (N, Hkv, Dh))
     v = xp.reshape(qkv[:, (H + Hkv) * Dh:], (N, Hkv, Dh))
     q, k = partial_rope(xp, q, cos, sin), partial_rope(xp, k, cos, sin)
     out = attend(xp, batch, layer, q, k, v, cfg.sliding_window)  # [N, H*Dh]
-    return linear(out, w, "self_attn.o_proj", False)  # [N, D]
+    return linear(batch, out, w, "self_attn.o_proj", False)  # [N, D]
 
 
 def block(xp, cfg, w, layer, x, cos, sin, batch):
@@ -366,7 +366,7 @@ def block(xp, cfg, w, layer, x, cos, sin, batch):
     x = x + self_attention(xp, cfg, w, layer, rms_norm(xp, x, w["input_layernorm.weight"], cfg.rms_norm_eps),
                            cos, sin, batch)
     h = rms_norm(xp, x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps)
-    return x + gated_mlp(xp, w, h, cfg.intermediate_size, False, silu)  # SwiGLU: gate first, then up
+    return x + gated_mlp(xp, batch, w, h, cfg.intermediate_size, False, silu)  # SwiGLU: gate first, then up
 
 
 def forward(model, tokens, caches, all_logits=False):
@@ -374,7 +374,8 @@ def forward(model, tokens, caches, all_logits=False):
 
     tokens: one list of token ids per sequence; caches: that sequence's KVCache, whose `length`
     says how many positions came before. Returns logits [B, V] for the last token of each
-    sequence, or [N, V] for every token when `all_logits` (scoring a prompt).
+    sequence, or [N, V] for every token when `all_logits` (scoring a prompt); a list of bools
+    asks per sequence, rows in sequence order (Batch.logits).
     """
     xp, cfg, W = model.xp, model.config, model.weights
     cos, sin = rotation(xp, cfg, W, tokens, caches)  # before the caches advance
@@ -385,7 +386,5 @@ def forward(model, tokens, caches, all_logits=False):
         x = block(xp, cfg, w, layer, x, cos, sin, batch)
     batch.advance()
 
-    if not all_logits:  # only the last position of each sequence predicts its next token
-        x = batch.last_rows(xp, x)  # [B, D]
-    x = rms_norm(xp, x, W.norm, cfg.rms_norm_eps)
-    return x @ W.lm_head  # [B, V] or [N, V]
+    # Each sequence's last position predicts its next token; scoring a prompt wants every position's.
+    return batch.logits(rms_norm(xp, x, W.norm, cfg.rms_norm_eps), W.lm_head, all_logits)  # [B, V] or [N, V]

@@ -196,7 +196,7 @@ def self_attention(xp, cfg, w, layer, x, cos, sin, batch):
     """Qwen3's attention: project to q, k, v, normalise each head of q and k, rotate them by
     position, attend over each sequence's cache, project back."""
     N, H, Hkv, Dh = x.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    qkv = linear(x, w, "self_attn.qkv_proj", cfg.attention_bias)  # [N, (H + 2 Hkv) Dh]: q, k, v side by side
+    qkv = linear(batch, x, w, "self_attn.qkv_proj", cfg.attention_bias)  # [N, (H + 2 Hkv) Dh]: q, k, v side by side
     q = xp.reshape(qkv[:, :H * Dh], (N, H, Dh))
     k = xp.reshape(qkv[:, H * Dh:(H + Hkv) * Dh], (N, Hkv, Dh))
     v = xp.reshape(qkv[:, (H + Hkv) * Dh:], (N, Hkv, Dh))
@@ -206,22 +206,22 @@ def self_attention(xp, cfg, w, layer, x, cos, sin, batch):
     k = rms_norm(xp, k, w["self_attn.k_norm.weight"], cfg.rms_norm_eps)  # [N, Hkv, Dh]
     q, k = rope(xp, q, cos, sin), rope(xp, k, cos, sin)
     out = attend(xp, batch, layer, q, k, v, cfg.sliding_window)  # [N, H*Dh]
-    return linear(out, w, "self_attn.o_proj", cfg.attention_bias)  # [N, D]
+    return linear(batch, out, w, "self_attn.o_proj", cfg.attention_bias)  # [N, D]
 
 
-def mlp(xp, cfg, w, layer, x):
+def mlp(xp, cfg, w, layer, x, batch):
     """The block's MLP: the mixture of experts in a MoE block, one dense SwiGLU MLP otherwise."""
     if layer in cfg.moe_layers:
         return moe_mlp(xp, x, w["mlp.gate.weight"], w["mlp.experts.gate_up_proj"], w["mlp.experts.down_proj"],
                        cfg.num_experts_per_tok, cfg.norm_topk_prob, silu)  # [N, D]
-    return gated_mlp(xp, w, x, cfg.intermediate_size, False, silu)  # [N, D]
+    return gated_mlp(xp, batch, w, x, cfg.intermediate_size, False, silu)  # [N, D]
 
 
 def block(xp, cfg, w, layer, x, cos, sin, batch):
     """One transformer block with pre-normalisation and residual connections."""
     x = x + self_attention(xp, cfg, w, layer, rms_norm(xp, x, w["input_layernorm.weight"], cfg.rms_norm_eps),
                            cos, sin, batch)
-    return x + mlp(xp, cfg, w, layer, rms_norm(xp, x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps))
+    return x + mlp(xp, cfg, w, layer, rms_norm(xp, x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps), batch)
 
 
 def forward(model, tokens, caches, all_logits=False):
@@ -229,7 +229,8 @@ def forward(model, tokens, caches, all_logits=False):
 
     tokens: one list of token ids per sequence; caches: that sequence's KVCache, whose `length`
     says how many positions came before. Returns logits [B, V] for the last token of each
-    sequence, or [N, V] for every token when `all_logits` (scoring a prompt).
+    sequence, or [N, V] for every token when `all_logits` (scoring a prompt); a list of bools
+    asks per sequence, rows in sequence order (Batch.logits).
     """
     xp, cfg, W = model.xp, model.config, model.weights
     batch = Batch.of(xp, tokens, caches)
@@ -240,7 +241,5 @@ def forward(model, tokens, caches, all_logits=False):
         x = block(xp, cfg, w, layer, x, cos, sin, batch)
     batch.advance()
 
-    if not all_logits:  # only the last position of each sequence predicts its next token
-        x = batch.last_rows(xp, x)  # [B, D]
-    x = rms_norm(xp, x, W.norm, cfg.rms_norm_eps)
-    return x @ W.lm_head  # [B, V] or [N, V]
+    # Each sequence's last position predicts its next token; scoring a prompt wants every position's.
+    return batch.logits(rms_norm(xp, x, W.norm, cfg.rms_norm_eps), W.lm_head, all_logits)  # [B, V] or [N, V]
