@@ -26,9 +26,11 @@ golden: $(VENV)/.installed-golden
 	$(PY) golden/make_golden_logprobs.py
 	$(PY) golden/make_golden_sampling.py
 
-# Measure refimpl's speed beside transformers in the same run, then the server under concurrent clients.
+# Measure refimpl's speed beside transformers in the same run, where one 8-sequence decoding step's
+# time goes, then the server under concurrent clients (make bench-vllm: beside vLLM's CPU build).
 bench: $(VENV)/.installed-golden
 	$(PY) bench/bench_forward.py
+	$(PY) bench/bench_step.py
 	$(PY) bench/bench_serving.py
 
 # The serving benchmark beside vLLM's CPU build: both servers on the same converted model, rounds alternated.

@@ -30,7 +30,7 @@ LONG_PROMPT = Path(__file__).resolve().parent.parent / "golden" / "long_prompt.t
 
 def refimpl_run(model, ids):
     """One prefill of ids and DECODE_TOKENS greedy decode steps; returns their durations (s)."""
-    cache = model.new_cache(len(ids) + DECODE_TOKENS)
+    cache = model.new_cache(len(ids) + DECODE_TOKENS, len(ids))  # after the prompt, rows decode
     t0 = time.perf_counter()
     logits = forward(model, [ids], [cache])
     t1 = time.perf_counter()

@@ -74,7 +74,8 @@ def main():
         forward(model, [prompt], [caches[-1]])
     instrument(model.config.vocab_size)
     rows, totals, parts = [[5]] * args.seqs, [], []
-    params, generators = SamplingParams(temperature=0.8, top_p=0.9), [np.random.default_rng(i) for i in range(8)]
+    params = SamplingParams(temperature=0.8)  # as bench_serving.py asks
+    generators = [np.random.default_rng(i) for i in range(args.seqs)]
     for _ in range(args.steps):
         spent.clear()
         start = time.perf_counter()

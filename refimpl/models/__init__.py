@@ -40,7 +40,9 @@ class Model:
     family: object  # the family's module
 
     def new_cache(self, capacity, prompt_length=None):
-        """A KV cache for `capacity` positions, of which the first `prompt_length` are the prompt."""
+        """A KV cache for `capacity` positions, of which the first `prompt_length` are the prompt: the
+        rows after it are decoded one token at a time, and multiplied so (batching.py). Without it
+        every row is taken for a prompt's: right, but a decoding step then costs a 32-row product."""
         cache = KVCache(self.xp, self.config, capacity, prompt_length)
         if hasattr(self.family, "cache_kind"):  # the few families whose keys depend on more than position
             cache.kind = self.family.cache_kind(self.config, capacity)
