@@ -18,10 +18,11 @@ different bits for 1, 7, 16 or 256 rows, and a row's bits even depend on where i
     sequences fill tiles slot by slot, empty slots are zero rows. Its product has the same shape
     and the row the same slot however the prompt was cut into chunks or whatever shares the step,
     and a row's result never depends on the values of the other rows of a product;
-  - attention treats each query on its own: a prompt query's keys are whole KEY_BLOCKs up to its
-    own position (ops.attention), a decoding query's exactly the keys it sees (ops.decode_attention),
-    counts that depend on the position alone;
-  - everything else (norms, activations, RoPE, softmax, sampling) works row by row already.
+  - each sequence attends to its own cache: a prompt's queries in blocks of KEY_BLOCK positions
+    aligned to multiples of it, where a query's row has a place and a shape fixed by its position
+    (ops.attention); a decoding query over exactly the keys it sees (ops.decode_attention);
+  - everything else (norms, activations, RoPE, softmax, sampling) works row by row already, on
+    row-major arrays: NumPy sums the rows of a transposed view in another order (layout.embed).
 
 The one assumption is that BLAS is deterministic: the same call on the same data gives the same
 bits, which holds for OpenBLAS on a CPU with a fixed number of threads. A GPU (CuPy, cuBLAS) runs
@@ -79,8 +80,9 @@ class Batch:
         positions, rows, alone = to_numpy(self.positions), [], []
         for (lo, hi, cache), every_row in zip(self.spans, every):
             picked = list(range(lo, hi)) if every_row else [hi - 1]
+            generates = [cache.prompt_length is not None and positions[r] + 1 >= cache.prompt_length for r in picked]
             rows += picked
-            alone += [not every_row or positions[r] + 1 == cache.prompt_length for r in picked]
+            alone += [not every_row or g for g in generates]
         x = self.xp.take(x, self.xp.asarray(np.array(rows, dtype=np.int64)), axis=0)
         return Products.of(self.xp, positions[rows], np.array(alone)).matmul(x, lm_head)
 
@@ -137,8 +139,8 @@ def attend(xp, batch, layer, q, k, v, window, scale=None, softcap=None):
     attend its queries q [N, H, Dh] to everything its cache holds; returns [N, H*Dh].
     `scale` and `softcap` as in ops.attention (None: 1/sqrt(Dh), no cap).
 
-    Each sequence attends to its own cache, each query on its own: a prompt's queries over whole
-    key blocks (ops.attention), a decoding query over exactly the keys it sees (ops.decode_attention).
+    Each sequence attends to its own cache: a prompt's queries in aligned blocks (ops.attention),
+    a decoding query over exactly the keys it sees (ops.decode_attention).
     """
     outs = []
     for lo, hi, cache in batch.spans:
