@@ -42,7 +42,7 @@ def keep_freed_memory():
 
     A decoding step allocates the same short-lived arrays of 0.1-30 MB in every layer. glibc
     serves blocks that size from fresh mmap'd pages by default, and the first touch of each page
-    faults: the batched decode attention of 8 sequences took 1.0 ms per layer that way and
+    faults: an earlier batched decode attention of 8 sequences took 1.0 ms per layer that way and
     0.3 ms with reused memory. (PyTorch's CPU tuning guide makes the same point with jemalloc.)
     A no-op where the C library is not glibc.
     """

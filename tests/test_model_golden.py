@@ -158,13 +158,14 @@ def test_generate_command_prints_the_greedy_continuation(default_golden, default
 
 @pytest.mark.parametrize("name", TINY)
 def test_batched_decoding_equals_one_at_a_time(name):
-    """Several sequences decoding one token each (one padded, batched attention) match each alone,
-    through the sliding window too: the prompts are longer than Mistral's window of 16."""
+    """Several sequences decoding one token each (each row multiplied alone, each query over its own
+    keys) match each sequence scored whole by the prompt path, through the sliding window too: the
+    prompts are longer than Mistral's window of 16."""
     golden = load_golden(f"tiny/{name}/reference.json")
     model = load_model(GOLDEN / golden["model"])
     prompts = [c["input_ids"] for c in golden["cases"]]
     steps = [c["greedy_ids"][:3] for c in golden["cases"]]
-    caches = [model.new_cache(len(ids) + 3) for ids in prompts]
+    caches = [model.new_cache(len(ids) + 3, len(ids)) for ids in prompts]
     forward(model, prompts, caches)
     together = [to_numpy(log_softmax(model.xp, forward(model, [[s[i]] for s in steps], caches))) for i in range(3)]
     for b, (ids, tokens) in enumerate(zip(prompts, steps)):
