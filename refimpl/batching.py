@@ -122,7 +122,7 @@ class Products:
 
     def matmul(self, x, w):
         """x [R, K] @ w [K, M]."""
-        xp, (R, K), M = self.xp, x.shape, w.shape[1]
+        xp, K, M = self.xp, x.shape[1], w.shape[1]
         if self.tiled.shape[0] == 0:  # every row alone, in order
             return rowwise_matmul(xp, x, w)
         parts = []

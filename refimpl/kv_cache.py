@@ -11,7 +11,6 @@ T new rows and reads views.
 Shapes: L blocks, Hkv key/value heads, C capacity, Dh head width, T new tokens.
 """
 
-
 from refimpl.ops import KEY_BLOCK
 
 

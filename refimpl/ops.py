@@ -131,9 +131,10 @@ def attention(xp, q, k, v, start, window, scale=None, softcap=None):
     outs = []
     for a in range(first_block, end, KEY_BLOCK):
         k_lo = 0 if window is None else max(0, a - window + 1) // KEY_BLOCK * KEY_BLOCK
-        q_pos, k_pos = xp.arange(a, a + KEY_BLOCK), xp.arange(k_lo, a + KEY_BLOCK)
-        outs.append(attention_block(xp, q[a - first_block:a - first_block + KEY_BLOCK, ...], k[:, k_lo:a + KEY_BLOCK, :],
-                                    v[:, k_lo:a + KEY_BLOCK, :], q_pos, k_pos, window, scale, softcap))
+        b = a + KEY_BLOCK  # the block's end: its queries and the keys they may see end here
+        q_pos, k_pos = xp.arange(a, b), xp.arange(k_lo, b)
+        outs.append(attention_block(xp, q[a - first_block:b - first_block, ...], k[:, k_lo:b, :], v[:, k_lo:b, :],
+                                    q_pos, k_pos, window, scale, softcap))
     out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)  # [end - first_block, H*Dh]
     return out[start - first_block:start - first_block + T, ...]  # [T, H*Dh]
 

@@ -235,7 +235,8 @@ def self_attention(xp, cfg, w, layer, x, batch):
 
 def mlp(xp, w, x, batch):
     """The plain (ungated) MLP: c_proj(gelu(c_fc(x)))."""
-    return linear(batch, gelu_tanh(xp, linear(batch, x, w, "mlp.c_fc", True)), w, "mlp.c_proj", True)  # [N, F] -> [N, D]
+    h = gelu_tanh(xp, linear(batch, x, w, "mlp.c_fc", True))  # [N, F]
+    return linear(batch, h, w, "mlp.c_proj", True)  # [N, D]
 
 
 def block(xp, cfg, w, layer, x, batch):
