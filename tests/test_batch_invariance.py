@@ -1,8 +1,9 @@
 """Batch invariance: a request's bits do not depend on what else runs beside it (refimpl/batching.py).
 
-Every comparison here is exact (==), never a tolerance: the claim is that the same request gets
-the same float32 arithmetic in the same order whatever shares its steps, on any CPU. The two
-runs compared are always on the same machine, in the same process.
+Every comparison of two runs here is exact (==), never a tolerance: the claim is that the same
+request gets the same float32 arithmetic in the same order whatever shares its steps. The two runs
+compared are always on the same machine, in the same process, so the claim holds whichever CPU and
+BLAS kernels run the suite.
 """
 
 from pathlib import Path
@@ -44,6 +45,7 @@ def test_a_row_gets_the_same_bits_in_any_batch():
     prompt, decoding = rows[:70], rows[70:71]
     alone_prompt = product([(prompt, 5, None)])[0]  # positions 5..74 of a prompt
     alone_decoding = product([(decoding, 40, 10)])[0]  # position 40, after a 10-token prompt
+    np.testing.assert_allclose(np.concatenate([alone_prompt, alone_decoding]), rows[:71] @ W, rtol=1e-4, atol=1e-3)
     for companions in (0, 1, 7, 20):
         others = [(rows[100 + 8 * i:100 + 8 * i + 1 + i % 3 * 3], 3 * i, None if i % 2 else 0)
                   for i in range(companions)]
@@ -73,7 +75,7 @@ def test_a_query_gets_the_same_bits_alone_or_in_any_chunk():
     k, v = rng.standard_normal((2, Hkv, T, Dh), dtype=np.float32)
     for window in (None, 20):
         whole = attention(xp, q, k, v, 0, window)
-        for t in (0, KEY_BLOCK - 1, KEY_BLOCK, T - 1):  # decoding position t alone
+        for t in (0, KEY_BLOCK - 1, KEY_BLOCK, T - 1):  # one query, as a chunk of one token
             assert np.array_equal(attention(xp, q[t:t + 1], k, v, t, window)[0], whole[t])
         for lo, hi in ((3, 70), (64, 130), (100, T)):  # a chunk of the prompt
             assert np.array_equal(attention(xp, q[lo:hi], k, v, lo, window), whole[lo:hi])
