@@ -32,6 +32,10 @@ def main(argv=None):
     p.add_argument("text", nargs="?", help="the text to score (raw, no special tokens added)")
     p.add_argument("--chat", metavar="FILE.json", help="score a conversation (a JSON list of messages) as the template renders it")
     p.add_argument("--top", type=int, default=0, help="also print the N most likely tokens at each position")
+    p.add_argument("--input", metavar="IN.jsonl", help='score a data set: one {"id", "text" | "token_ids" | "messages"} '
+                                                      "a line (see refimpl/scoring.py); needs --output")
+    p.add_argument("--output", metavar="OUT.jsonl", help="where --input's scores go, a line per input line, in order; "
+                                                        "ids already there are skipped (resuming)")
     add_model_options(p)
     p.set_defaults(run=cmd_score)
 
@@ -142,7 +146,17 @@ def cmd_generate(args):
 def cmd_score(args):
     from refimpl.generate import prompt_logprobs
 
+    if (args.input is None) != (args.output is None):
+        print("refimpl score: --input and --output go together", file=sys.stderr)
+        return 2
     model, tokenizer, _ = load(args)
+    if args.input:
+        from refimpl.scoring import score_file
+
+        scored, skipped, bad = score_file(model, tokenizer, args.input, args.output, args.top,
+                                          report=lambda line: print(line, file=sys.stderr))
+        print(f"refimpl score: {scored} scored, {skipped} already in {args.output}, {bad} bad lines", file=sys.stderr)
+        return 1 if bad else 0
     if args.chat:
         with open(args.chat, encoding="utf-8") as f:
             ids = tokenizer.encode_chat(json.load(f), add_generation_prompt=False)
