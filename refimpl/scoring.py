@@ -3,7 +3,7 @@
 Input, one JSON object a line:  {"id": ..., "text": "..."}  (tokenized as is, no special tokens added)
                                 {"id": ..., "token_ids": [...]}
                                 {"id": ..., "messages": [...]}  (rendered by the chat template)
-Output, one line per input line, in input order:
+Output, one line per scored input line, in input order:
     {"id", "token_ids", "tokens", "logprobs": [null, ...], "top_logprobs": [null, [{...}, ...], ...]}
 (top_logprobs only with top > 0: the `top` most likely tokens at each position, as token_id,
 token and logprob.)
@@ -11,9 +11,12 @@ token and logprob.)
 - Resumable: ids already in the output file are skipped, and new lines are appended to it.
 - A line that cannot be scored is reported with its line number and skipped, never dropped in
   silence; the counts are returned.
-- Several short texts share each forward pass (up to BATCH_TOKENS tokens), a long one is scored
-  in chunks; each text gets the bits it gets alone (refimpl/batching.py), so the output does not
-  depend on how texts were grouped.
+- Each text is scored on its own, SCORE_CHUNK positions at a time (generate.prompt_logprobs,
+  what `refimpl score TEXT` and the server's echo compute, to the bit). Letting several short
+  texts share forward passes gives the same bits (refimpl/batching.py) but was slower here: 277
+  against 318 tokens/s on 96 texts of 20-160 words, because a prompt's products already share
+  each read of a weight between 32 rows (batching.TILE), and beyond that arithmetic, not memory,
+  is the limit.
 """
 
 import json
@@ -22,12 +25,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from refimpl.explain import token_text
-from refimpl.generate import SCORE_CHUNK, chunk_logprobs
-from refimpl.models import forward
-
-# Tokens of short texts scored in one forward pass: logits of 512 rows of a 49,152-token
-# vocabulary take 100 MB.
-BATCH_TOKENS = 512
+from refimpl.generate import prompt_logprobs
 
 
 class BadLine(ValueError):
@@ -77,44 +75,16 @@ def parse_line(text, tokenizer, vocab_size, context):
 
 
 def done_ids(output_path):
-    """The ids already scored in an existing output file (json-encoded, so that 1 and "1" differ)."""
+    """The ids already scored in an existing output file (json-encoded, so that 1 and "1" differ).
+    A last line cut short (the run was killed while writing it) is removed, to be scored again."""
     try:
-        with open(output_path, encoding="utf-8") as f:
-            return {json.dumps(json.loads(line)["id"]) for line in f if line.strip()}
+        with open(output_path, "rb+") as f:
+            data = f.read()
+            f.truncate(data.rfind(b"\n") + 1)
     except FileNotFoundError:
         return set()
-
-
-def score_items(model, tokenizer, items, top):
-    """Entries (prompt_logprobs' form) for each item, several short ones per forward pass."""
-    results = []
-    group, tokens = [], 0
-    for item in items + [None]:
-        if item is not None and len(item.ids) <= BATCH_TOKENS and tokens + len(item.ids) <= BATCH_TOKENS:
-            group.append(item)
-            tokens += len(item.ids)
-            continue
-        if group:  # short texts, one pass for all of them
-            caches = [model.new_cache(len(g.ids)) for g in group]
-            logits = forward(model, [g.ids for g in group], caches, all_logits=True)  # [tokens, V]
-            lo = 0
-            for g in group:
-                rows = logits[lo:lo + len(g.ids), ...]
-                results.append([None] + chunk_logprobs(model.xp, tokenizer, rows, g.ids[1:], top))
-                lo += len(g.ids)
-        group, tokens = [], 0
-        if item is None:
-            break
-        if len(item.ids) > BATCH_TOKENS:  # a long text alone, SCORE_CHUNK positions at a time
-            cache, entries = model.new_cache(len(item.ids)), [None]
-            for lo in range(0, len(item.ids), SCORE_CHUNK):
-                chunk = item.ids[lo:lo + SCORE_CHUNK]
-                logits = forward(model, [chunk], [cache], all_logits=True)
-                entries += chunk_logprobs(model.xp, tokenizer, logits, item.ids[lo + 1:lo + len(chunk) + 1], top)
-            results.append(entries)
-        else:
-            group, tokens = [item], len(item.ids)
-    return results
+    lines = data[:data.rfind(b"\n") + 1].decode("utf-8").splitlines()
+    return {json.dumps(json.loads(line)["id"]) for line in lines if line.strip()}
 
 
 def output_line(tokenizer, item, entries, top):
@@ -154,11 +124,9 @@ def score_file(model, tokenizer, input_path, output_path, top=0, report=print, p
             items.append(Item(number, id_, ids))
     bar = tqdm(total=sum(len(i.ids) for i in items), unit="tok", desc="score", disable=not progress)
     with open(output_path, "a", encoding="utf-8") as out:
-        for lo in range(0, len(items), 64):  # written as they are done, so that a rerun resumes
-            batch = items[lo:lo + 64]
-            for item, entries in zip(batch, score_items(model, tokenizer, batch, top)):
-                out.write(output_line(tokenizer, item, entries, top) + "\n")
-                bar.update(len(item.ids))
+        for item in items:  # each line written once done, so that a rerun resumes after it
+            out.write(output_line(tokenizer, item, prompt_logprobs(model, tokenizer, item.ids, top), top) + "\n")
             out.flush()
+            bar.update(len(item.ids))
     bar.close()
     return len(items), skipped, bad
