@@ -60,7 +60,7 @@ class Batch:
             spans.append((lo, lo + len(ids), cache))
             at = np.arange(cache.length, cache.length + len(ids))
             positions.append(at)
-            decoding.append(at >= cache.prompt_length if cache.prompt_length is not None else np.zeros(len(ids), bool))
+            decoding.append(np.array([cache.decodes(p) for p in at], dtype=bool))
             lo += len(ids)
         positions = np.concatenate(positions)
         ids = xp.asarray([t for seq in tokens for t in seq], dtype=xp.int64)
@@ -80,9 +80,8 @@ class Batch:
         positions, rows, alone = to_numpy(self.positions), [], []
         for (lo, hi, cache), every_row in zip(self.spans, every):
             picked = list(range(lo, hi)) if every_row else [hi - 1]
-            generates = [cache.prompt_length is not None and positions[r] + 1 >= cache.prompt_length for r in picked]
             rows += picked
-            alone += [not every_row or g for g in generates]
+            alone += [not every_row or cache.decodes(positions[r] + 1) for r in picked]
         x = self.xp.take(x, self.xp.asarray(np.array(rows, dtype=np.int64)), axis=0)
         return Products.of(self.xp, positions[rows], np.array(alone)).matmul(x, lm_head)
 
@@ -146,7 +145,7 @@ def attend(xp, batch, layer, q, k, v, window, scale=None, softcap=None):
     for lo, hi, cache in batch.spans:
         start = cache.length
         keys, values = cache.write(xp, layer, start, k[lo:hi, ...], v[lo:hi, ...])
-        if cache.prompt_length is not None and start >= cache.prompt_length:  # a generated token
+        if cache.decodes(start):  # a generated token
             outs.append(decode_attention(xp, q[lo:hi, ...], keys, values, start, window, scale, softcap))
         else:
             outs.append(attention(xp, q[lo:hi, ...], keys, values, start, window, scale, softcap))

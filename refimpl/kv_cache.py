@@ -33,6 +33,10 @@ class KVCache:
         # LongRoPE rotates a sequence by its capacity): caches of different kinds share no prefix.
         self.kind = None
 
+    def decodes(self, position):
+        """Whether the token at `position` is a generated one (batching.py multiplies its row alone)."""
+        return self.prompt_length is not None and position >= self.prompt_length
+
     def write(self, xp, layer, start, k, v):
         """Store k, v [T, Hkv, Dh] at positions start..start+T-1; return the layer's keys and values
         [Hkv, C, Dh] (the positions from start + T on are not this sequence's yet)."""

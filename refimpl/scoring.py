@@ -34,7 +34,6 @@ class BadLine(ValueError):
 
 @dataclass
 class Item:
-    line: int  # 1-based line number in the input file
     id: object
     ids: list  # token ids
 
@@ -80,10 +79,11 @@ def done_ids(output_path):
     try:
         with open(output_path, "rb+") as f:
             data = f.read()
-            f.truncate(data.rfind(b"\n") + 1)
+            data = data[:data.rfind(b"\n") + 1]
+            f.truncate(len(data))
     except FileNotFoundError:
         return set()
-    lines = data[:data.rfind(b"\n") + 1].decode("utf-8").splitlines()
+    lines = data.decode("utf-8").splitlines()
     return {json.dumps(json.loads(line)["id"]) for line in lines if line.strip()}
 
 
@@ -121,7 +121,7 @@ def score_file(model, tokenizer, input_path, output_path, top=0, report=print, p
             if key in done:  # scored by an earlier run
                 skipped += 1
                 continue
-            items.append(Item(number, id_, ids))
+            items.append(Item(id_, ids))
     bar = tqdm(total=sum(len(i.ids) for i in items), unit="tok", desc="score", disable=not progress)
     with open(output_path, "a", encoding="utf-8") as out:
         for item in items:  # each line written once done, so that a rerun resumes after it

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from refimpl.batching import Batch
 from refimpl.engine import Engine
 from refimpl.generate import generate, prompt_logprobs
+from refimpl.kv_cache import KVCache
 from refimpl.models import forward, load_model
 from refimpl.ops import KEY_BLOCK, attention, rowwise_matmul
 from refimpl.sampling import SamplingParams
@@ -25,6 +26,9 @@ xp = namespace("cpu")
 
 
 class FakeCache:
+    """What Batch.of reads of a KVCache, without the arrays."""
+    decodes = KVCache.decodes
+
     def __init__(self, length, prompt_length):
         self.length, self.prompt_length = length, prompt_length
 
