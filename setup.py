@@ -17,6 +17,7 @@ setup(
         "jinja2>=3.1",
         "gguf>=0.10",
         "tqdm>=4.60",
+        "requests>=2.31",  # refimpl compare: the client of another OpenAI-compatible server
         # The HTTP server (webapp/): Flask with marshmallow schemas, the OpenAPI document and Swagger UI
         # from flask-smorest (apispec) with local assets, WebSockets, and gunicorn to serve them.
         "flask>=3.1",
@@ -37,7 +38,7 @@ setup(
         # Only `make golden` and the benchmark's comparison need PyTorch and transformers.
         # torch is pinned: an open range pulls a multi-GB CUDA build on machines without a GPU.
         "golden": ["torch==2.13.0", "transformers>=4.46", "accelerate>=0.26", "gguf>=0.10"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "array-api-strict>=2.0", "openai>=1.40", "requests>=2.31",
+        "test": ["pytest>=8", "hypothesis>=6.100", "array-api-strict>=2.0", "openai>=1.40",
                  "schemathesis>=4.30", "selenium>=4.20", "websockets>=13"],
     },
     entry_points={"console_scripts": ["refimpl = refimpl.cli:main"]},

@@ -39,6 +39,22 @@ def main(argv=None):
     add_model_options(p)
     p.set_defaults(run=cmd_score)
 
+    p = sub.add_parser("compare", help="check another OpenAI-compatible server's log-probabilities against "
+                                       "refimpl's float32 forward pass (exit 0 agree, 1 differ, 2 could not compare)")
+    p.add_argument("--server", required=True, metavar="URL", help="the server's base URL, e.g. http://localhost:8000/v1")
+    p.add_argument("--server-model", metavar="NAME", help="the model name to send (default: the first of /v1/models)")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY") or None, help="sent as a bearer token")
+    p.add_argument("--prompts", metavar="FILE.jsonl", help='one {"prompt": text | [ids]} or {"messages": [...]} a '
+                                                           "line, with optional sampling fields (default: a built-in set)")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens the server generates per prompt (default 32)")
+    p.add_argument("--top", type=int, default=5, help="top log-probabilities asked for at each position (default 5)")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="largest |Δ logprob| that agrees (default 1e-3)")
+    p.add_argument("--no-echo", dest="echo", action="store_false",
+                   help="compare the generated tokens only, not the prompt's log-probabilities (echo)")
+    p.add_argument("--json", metavar="OUT.json", help="write the whole report there")
+    add_model_options(p)
+    p.set_defaults(run=cmd_compare)
+
     p = sub.add_parser("chat", help="chat with the model in the terminal (/new starts over, Ctrl-D quits)")
     p.add_argument("--system", help="a system prompt")
     add_model_options(p)
@@ -174,6 +190,27 @@ def cmd_score(args):
     total = sum(e.logprob for e in entries[1:])
     print(f"total log-probability of tokens 1..{len(ids) - 1}: {total:.4f}")
     return 0
+
+
+def cmd_compare(args):
+    from refimpl.compare import BUILTIN_PROMPTS, CannotCompare, Server, compare, describe, read_prompts
+
+    def log(line):
+        print(line, file=sys.stderr)
+
+    try:
+        specs = read_prompts(args.prompts) if args.prompts else BUILTIN_PROMPTS
+        server = Server(args.server, args.api_key, args.server_model)
+        model, tokenizer, _ = load(args)
+        report = compare(model, tokenizer, server, specs, args.top, args.max_tokens, args.tolerance, args.echo, log)
+    except CannotCompare as error:
+        print(f"refimpl compare: cannot compare: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1, ensure_ascii=False)
+    print(describe(report))
+    return 0 if report["verdict"] == "agree" else 1
 
 
 def cmd_serve(args):

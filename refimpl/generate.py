@@ -296,13 +296,25 @@ SCORE_CHUNK = 256
 
 def prompt_logprobs(model, tokenizer, ids, top=0):
     """log p(token i | tokens before i) for every prompt token: None for the first, which has no prefix."""
-    cache = model.new_cache(len(ids))
     entries = [None]
-    for lo in range(0, len(ids), SCORE_CHUNK):
-        chunk = ids[lo:lo + SCORE_CHUNK]
-        logits = forward(model, [chunk], [cache], all_logits=True)  # [T, V], row t predicts token lo+t+1
-        entries += chunk_logprobs(model.xp, tokenizer, logits, ids[lo + 1:lo + len(chunk) + 1], top)
+    for lo, rows in logprob_rows(model, ids):
+        entries += [token_logprobs(tokenizer, row, token, top) for row, token in zip(rows, ids[lo + 1:])]
     return entries
+
+
+def logprob_rows(model, ids, prompt_length=None):
+    """Yield (lo, rows) a chunk at a time: rows[t] is log p(next token | ids[:lo + t + 1]) over the
+    whole vocabulary, a NumPy [T, V] array (the last row predicts the token after ids).
+
+    The first prompt_length tokens (all by default) go SCORE_CHUNK at a time, as a prompt; the rest,
+    tokens a server generated, one at a time, as generation computes them, so that each row has the
+    bits a refimpl server reports for it (batching.py)."""
+    prompt_length = len(ids) if prompt_length is None else min(prompt_length, len(ids))
+    cache = model.new_cache(len(ids), prompt_length)
+    starts = [*range(0, prompt_length, SCORE_CHUNK), *range(prompt_length, len(ids))]
+    for lo, hi in zip(starts, [*starts[1:], len(ids)]):
+        logits = forward(model, [ids[lo:hi]], [cache], all_logits=True)
+        yield lo, to_numpy(log_softmax(model.xp, logits))
 
 
 def chunk_logprobs(xp, tokenizer, logits, next_ids, top):
