@@ -5,10 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 VLLM_VENV ?= .venv-vllm
+LLAMACPP_VENV ?= .venv-llamacpp
 PORT ?= 8080
 HOST ?= 127.0.0.1
 
-.PHONY: serve test golden bench bench-vllm pull install clean
+.PHONY: serve test golden bench bench-vllm bench-score compare-llamacpp pull install clean
 
 # Serve the default model over the OpenAI-compatible HTTP API (make serve PORT=8081 HOST=0.0.0.0; docs at /docs).
 serve: $(VENV)/.installed
@@ -38,6 +39,16 @@ bench-vllm: $(VENV)/.installed-test $(VLLM_VENV)/.installed
 	$(PY) -m refimpl pull
 	$(PY) bench/bench_serving.py --peer vllm --peer-python $(VLLM_VENV)/bin/python
 
+# Data-set scoring speed: refimpl score --input in one process, and spread over Ray workers (--ray local).
+bench-score: $(VENV)/.installed-test
+	$(PY) -m refimpl pull
+	$(PY) bench/bench_score.py
+
+# refimpl compare against a real peer: llama.cpp's server (llama-cpp-python) on the default model's 4-bit GGUF.
+compare-llamacpp: $(VENV)/.installed $(LLAMACPP_VENV)/.installed
+	$(PY) -m refimpl pull
+	$(PY) bench/compare_llamacpp.py --server-python $(LLAMACPP_VENV)/bin/python
+
 # Fetch and convert the default model into the cache without doing anything else.
 pull: $(VENV)/.installed
 	$(PY) -m refimpl pull
@@ -52,7 +63,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,ray]'
 	touch $@
 
 $(VENV)/.installed-golden: $(VENV)/.installed-test
@@ -72,6 +83,16 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
+# llama-cpp-python's server, compiled here (about 10 minutes on 2 cores). GGML_NATIVE is off: a native
+# build uses AMX where the CPU lists it, and that faults in this sandbox; AVX2 runs on any current x86.
+$(LLAMACPP_VENV)/.installed:
+	rm -rf $(LLAMACPP_VENV)
+	$(PYTHON) -m venv $(LLAMACPP_VENV)
+	$(LLAMACPP_VENV)/bin/python -m pip install --quiet --upgrade pip
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+		$(LLAMACPP_VENV)/bin/python -m pip install --quiet 'llama-cpp-python[server]==0.3.36'
+	touch $@
+
 # Remove the virtual environments and caches (the model cache in ~/.cache/refimpl stays).
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(LLAMACPP_VENV) *.egg-info .pytest_cache .hypothesis

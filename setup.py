@@ -35,6 +35,8 @@ setup(
     extras_require={
         # The GPU path: the same code with CuPy as the array namespace.
         "cupy": ["cupy-cuda12x>=13"],
+        # refimpl score --ray: a data set spread over the workers of a Ray cluster.
+        "ray": ["ray>=2.60"],
         # Only `make golden` and the benchmark's comparison need PyTorch and transformers.
         # torch is pinned: an open range pulls a multi-GB CUDA build on machines without a GPU.
         "golden": ["torch==2.13.0", "transformers>=4.46", "accelerate>=0.26", "gguf>=0.10"],

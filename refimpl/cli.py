@@ -36,6 +36,10 @@ def main(argv=None):
                                                       "a line (see refimpl/scoring.py); needs --output")
     p.add_argument("--output", metavar="OUT.jsonl", help="where --input's scores go, a line per input line, in order; "
                                                         "ids already there are skipped (resuming)")
+    p.add_argument("--ray", metavar="ADDRESS", help="spread --input over Ray workers: 'local' (Ray in this "
+                                                  "process), 'auto' or HOST:PORT (a cluster from `ray start`); "
+                                                  "needs pip install -e '.[ray]'")
+    p.add_argument("--workers", type=int, help="Ray workers, each loading the model once (default: one per CPU)")
     add_model_options(p)
     p.set_defaults(run=cmd_score)
 
@@ -165,6 +169,16 @@ def cmd_score(args):
     if (args.input is None) != (args.output is None):
         print("refimpl score: --input and --output go together", file=sys.stderr)
         return 2
+    if args.ray and not args.input:
+        print("refimpl score: --ray scores a data set: give --input and --output", file=sys.stderr)
+        return 2
+    if args.ray:
+        from refimpl.scoring_ray import score_file_on_ray
+
+        scored, skipped, bad = score_file_on_ray(args.ray, args.model, args.input, args.output, args.top,
+                                                 args.workers, args.device, report=lambda line: print(line, file=sys.stderr))
+        print(f"refimpl score: {scored} scored, {skipped} already in {args.output}, {bad} bad lines", file=sys.stderr)
+        return 1 if bad else 0
     model, tokenizer, _ = load(args)
     if args.input:
         from refimpl.scoring import score_file

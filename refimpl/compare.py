@@ -14,11 +14,12 @@ hide the very bugs this looks for, so each token is mapped on its own, in this o
   - a special token's marker ("<|im_end|>") is that special token;
   - the token's bytes (chat's `bytes`, or "bytes:\\xe2\\x80" as vLLM spells a partial character,
     or the UTF-8 of its text) are the one token of the vocabulary with exactly those bytes.
-A token that holds part of a character is often reported lossily (U+FFFD, or "" when a server
-drops the bytes). A run of such tokens is mapped from the span of the text it covers (`text_offset`):
-its bytes must split into vocabulary tokens in exactly one way. Where that fails, or a token's bytes
-are no token of this model, the prompt is compared up to that position, and the report says where
-and why. The prompt itself is sent as token ids, and the echo must give those tokens back.
+A token that holds part of a character is often reported lossily (U+FFFD, or "" where a server
+drops the bytes). Such tokens are told by the text they came with: the generated tokens' ids must
+spell the generated text byte for byte, each rendering as the server reported it; when exactly one
+sequence of ids fits, those are the ids. Where none or several fit, the prompt is compared up to
+the first token that cannot be told, and the report says where and why.
+The prompt itself is sent as token ids, and the echo must give those tokens back.
 
 What is reported
 ----------------

@@ -99,15 +99,24 @@ def output_line(tokenizer, item, entries, top):
 def score_file(model, tokenizer, input_path, output_path, top=0, report=print, progress=True):
     """Score every line of input_path into output_path (see the module's docstring); returns
     (scored, skipped as already done, bad)."""
+    items, skipped, bad = read_items(input_path, output_path, tokenizer, model.config, report)
+    lines = ((k, output_line(tokenizer, item, prompt_logprobs(model, tokenizer, item.ids, top), top))
+             for k, item in enumerate(items))
+    write_in_order(output_path, items, lines, progress)
+    return len(items), skipped, bad
+
+
+def read_items(input_path, output_path, tokenizer, config, report):
+    """The Items of input_path still to score, in order, and the counts of lines already scored in
+    output_path and of bad lines (each reported with its number)."""
     done, given = done_ids(output_path), {}
-    vocab, context = model.config.vocab_size, model.config.max_position_embeddings
     items, bad, skipped = [], 0, 0
     with open(input_path, encoding="utf-8") as f:
         for number, text in enumerate(f, 1):
             if not text.strip():
                 continue
             try:
-                id_, ids = parse_line(text, tokenizer, vocab, context)
+                id_, ids = parse_line(text, tokenizer, config.vocab_size, config.max_position_embeddings)
             except BadLine as error:
                 report(f"{input_path}:{number}: skipped: {error}")
                 bad += 1
@@ -122,11 +131,20 @@ def score_file(model, tokenizer, input_path, output_path, top=0, report=print, p
                 skipped += 1
                 continue
             items.append(Item(id_, ids))
+    return items, skipped, bad
+
+
+def write_in_order(output_path, items, lines, progress=True):
+    """Append the output lines, which come as (item number, line) in any order, in the items' order:
+    each as soon as those before it are written, so that a rerun resumes after the last one."""
     bar = tqdm(total=sum(len(i.ids) for i in items), unit="tok", desc="score", disable=not progress)
+    waiting, following = {}, 0
     with open(output_path, "a", encoding="utf-8") as out:
-        for item in items:  # each line written once done, so that a rerun resumes after it
-            out.write(output_line(tokenizer, item, prompt_logprobs(model, tokenizer, item.ids, top), top) + "\n")
+        for k, line in lines:
+            waiting[k] = line
+            bar.update(len(items[k].ids))
+            while following in waiting:
+                out.write(waiting.pop(following) + "\n")
+                following += 1
             out.flush()
-            bar.update(len(item.ids))
     bar.close()
-    return len(items), skipped, bad
