@@ -9,17 +9,18 @@ server's own tokens, never refimpl's, so a difference early on does not derail t
 From server tokens to ids, exactly
 ----------------------------------
 A server reports tokens as text (and, in chat, as bytes), not ids. Re-tokenizing the text would
-hide the very bugs this looks for, so each token is mapped on its own, in this order:
-  - "token_id:N" (vLLM's --return-tokens-as-token-ids) is id N;
-  - a special token's marker ("<|im_end|>") is that special token;
-  - the token's bytes (chat's `bytes`, or "bytes:\\xe2\\x80" as vLLM spells a partial character,
-    or the UTF-8 of its text) are the one token of the vocabulary with exactly those bytes.
-A token that holds part of a character is often reported lossily (U+FFFD, or "" where a server
-drops the bytes). Such tokens are told by the text they came with: the generated tokens' ids must
-spell the generated text byte for byte, each rendering as the server reported it; when exactly one
-sequence of ids fits, those are the ids. Where none or several fit, the prompt is compared up to
-the first token that cannot be told, and the report says where and why.
-The prompt itself is sent as token ids, and the echo must give those tokens back.
+hide the very bugs this looks for, so ids are read off what the server reported: a token's bytes
+(chat's `bytes`, "bytes:\\xe2\\x80" as vLLM spells a partial character, those of "token_id:N", or
+the UTF-8 of its text) name the one vocabulary token with exactly those bytes, and a special
+token's marker ("<|im_end|>") names it. A token that holds part of a character is often reported
+lossily (U+FFFD, or "" where a server drops the bytes). So the generated tokens are read together
+with the text they came with (Vocabulary.spell): their ids must spell it byte for byte, each
+rendering as the server reported it; when exactly one sequence of ids fits, those are the ids.
+Where none or several fit, the prompt is compared up to the first token that cannot be told, and
+the report says where and why.
+
+The prompt goes as token ids, or as text to a server that takes none; either way its echo must
+give back refimpl's tokens, else the comparison stops (exit 2).
 
 What is reported
 ----------------
@@ -373,7 +374,8 @@ def compare_prompt(model, tokenizer, vocab, index, name, answer, top, tolerance)
     generated, why = vocab.spell(answer.generated, answer.generated_text.encode("utf-8"))
     if why:
         notes.append(f"compared up to generated token {len(generated)}: {why}")
-    reported += [(len(ids) + k, tok) for k, tok in enumerate(answer.generated[:len(generated)])]
+    reported += [(len(ids) + k, tok) for k, tok in enumerate(answer.generated[:len(generated)])
+                 if tok.logprob is not None]
     ids += generated
     wanted = dict(reported)
     listed = {t: listing(vocab, ids[t], tok) for t, tok in reported}

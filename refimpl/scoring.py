@@ -17,6 +17,7 @@ token and logprob.)
   against 318 tokens/s on 96 texts of 20-160 words, because a prompt's products already share
   each read of a weight between 32 rows (batching.TILE), and beyond that arithmetic, not memory,
   is the limit.
+- With --ray, refimpl/scoring_ray.py hands the lines to Ray workers; the output is the same bytes.
 """
 
 import json

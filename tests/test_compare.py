@@ -2,8 +2,12 @@
 (tests/compare_doubles.py), and what it says when it cannot compare; how server tokens map to ids."""
 
 import json
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
+import requests
 
 from compare_doubles import Double, half_precision_copy
 from refimpl.cli import main
@@ -184,3 +188,37 @@ def test_an_echoed_token_is_checked_against_the_known_id(tokenizer, vocab):
     assert vocab.renders(ServerToken("", None, -1.0, []), half)
     assert not vocab.renders(ServerToken(" the", None, -1.0, []), half)
     assert vocab.renders(ServerToken("<|im_start|>", None, -1.0, []), 1)
+
+
+LLAMACPP_PYTHON = Path(__file__).resolve().parent.parent / ".venv-llamacpp" / "bin" / "python"
+
+
+@pytest.mark.skipif(not LLAMACPP_PYTHON.exists(), reason="llama-cpp-python is not built here (make compare-llamacpp "
+                                                          "builds it, ~10 min): the real peer case is skipped")
+def test_llama_cpp_on_the_4_bit_file_is_named_for_what_it_is(default_model_dir, prompts_file, tmp_path, capsys):
+    from refimpl.pull import fetch_gguf
+
+    port = free_port()
+    server = subprocess.Popen([LLAMACPP_PYTHON, "-m", "llama_cpp.server", "--model", str(fetch_gguf()), "--host",
+                               "127.0.0.1", "--port", str(port), "--n_threads", "2", "--n_ctx", "2048"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                requests.get(f"{base}/models", timeout=5).raise_for_status()
+                break
+            except requests.RequestException:
+                assert server.poll() is None and time.monotonic() < deadline, "llama.cpp's server did not start"
+                time.sleep(0.5)
+        # With echo, llama-cpp-python reports each log-probability one position late.
+        status, report, _, err = run_compare(capsys, tmp_path, base, "--prompts", str(prompts_file))
+        assert status == 1 and report["diagnosis"]["name"] == "shifted positions", err
+        # Without it, the values line up, moved by the 4-bit weights.
+        status, report, _, err = run_compare(capsys, tmp_path, base, "--prompts", str(prompts_file), "--no-echo")
+        assert status == 1 and report["diagnosis"]["name"] == "lower precision", err
+        assert 0.01 < report["mean_abs_delta"] < 0.2
+    finally:
+        server.terminate()
+        server.wait()
