@@ -173,10 +173,15 @@ def cmd_score(args):
         print("refimpl score: --ray scores a data set: give --input and --output", file=sys.stderr)
         return 2
     if args.ray:
-        from refimpl.scoring_ray import score_file_on_ray
+        from refimpl.scoring_ray import RayScoringError, score_file_on_ray
 
-        scored, skipped, bad = score_file_on_ray(args.ray, args.model, args.input, args.output, args.top,
-                                                 args.workers, args.device, report=lambda line: print(line, file=sys.stderr))
+        try:
+            scored, skipped, bad = score_file_on_ray(args.ray, args.model, args.input, args.output, args.top,
+                                                     args.workers, args.device,
+                                                     report=lambda line: print(line, file=sys.stderr))
+        except RayScoringError as error:
+            print(f"refimpl score: {error}", file=sys.stderr)
+            return 2
         print(f"refimpl score: {scored} scored, {skipped} already in {args.output}, {bad} bad lines", file=sys.stderr)
         return 1 if bad else 0
     model, tokenizer, _ = load(args)

@@ -17,6 +17,7 @@ a directory must exist on every node.
 """
 
 import os
+import socket
 
 from refimpl.scoring import output_line, read_items, write_in_order
 
@@ -61,16 +62,31 @@ def score_file_on_ray(address, model, input_path, output_path, top=0, workers=No
     items, skipped, bad = read_items(input_path, output_path, tokenizer, load_config(model_dir), report)
     if not items:
         return 0, skipped, bad
-    ray.init(address=address, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    if ":" in address:  # Ray retries a closed port for minutes: say so at once
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except (OSError, ValueError) as error:
+            raise RayScoringError(f"cannot join Ray at {address}: {error}") from None
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    except (ConnectionError, ValueError) as error:
+        raise RayScoringError(f"cannot join Ray at {address}: {error}") from None
     try:
         workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         actor = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=-1)(Scorer)
         scorers = [actor.remote(model, device, top) for _ in range(min(workers, len(items)))]
         report(f"refimpl score: {len(scorers)} Ray workers on {address}")
         write_in_order(output_path, items, scored_lines(ray, scorers, items), progress)
+    except ray.exceptions.RayError as error:  # a line that fails, not a worker that dies: Ray retries those
+        raise RayScoringError(f"a Ray worker failed: {str(error).strip().splitlines()[-1]}") from None
     finally:
         ray.shutdown()
     return len(items), skipped, bad
+
+
+class RayScoringError(Exception):
+    """The run could not go on; the lines written so far stay, and a rerun resumes after them."""
 
 
 def scored_lines(ray, scorers, items):

@@ -44,18 +44,25 @@ def single_process(data_set, default_model_dir):
     return out.read_bytes()
 
 
-def score(data_set, out, address, **popen):
+def score(data_set, out, address, *extra):
     return subprocess.Popen([sys.executable, "-m", "refimpl", "score", "--input", str(data_set), "--output", str(out),
-                             "--top", "3", "--ray", address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, **popen)
+                             "--top", "3", "--ray", address, *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def test_ray_in_process_writes_the_same_bytes(data_set, single_process, tmp_path):
-    run = score(data_set, tmp_path / "out.jsonl", "local")
+    run = score(data_set, tmp_path / "out.jsonl", "local", "--workers", "2")
     log, _ = run.communicate(timeout=600)
     assert run.returncode == 1, log  # the bad line, reported as in a single process
     assert "in.jsonl:41: skipped" in log and "2 Ray workers" in log
     assert (tmp_path / "out.jsonl").read_bytes() == single_process
+
+
+def test_a_cluster_that_cannot_be_reached_is_one_line_and_exit_2(data_set, tmp_path):
+    run = score(data_set, tmp_path / "out.jsonl", f"127.0.0.1:{free_port()}")
+    log, _ = run.communicate(timeout=300)
+    assert run.returncode == 2 and "refimpl score: cannot join Ray at 127.0.0.1:" in log, log
+    assert "Traceback" not in log
 
 
 @pytest.fixture
