@@ -225,16 +225,12 @@ class Vocabulary:
             return int(text[9:])
         if text in self.by_marker:
             return self.by_marker[text]
-        if raw is None and text.startswith("bytes:"):
-            try:
-                raw = codecs.escape_decode(text[6:])[0]
-            except ValueError:
+        exact = self.reported_bytes(ServerToken(text, raw, None, []))
+        if exact is None:
+            if not text or "\ufffd" in text or text.startswith("bytes:"):  # lossy, or bytes that do not parse
                 return None
-        if raw is None:
-            if not text or "\ufffd" in text:  # part of a character, reported lossily
-                return None
-            raw = text.encode("utf-8")
-        return self.by_bytes.get(bytes(raw))
+            exact = text.encode("utf-8")
+        return self.by_bytes.get(exact)
 
     def reported_bytes(self, token):
         """The bytes a reported token stands for, when it says them exactly; else None."""
