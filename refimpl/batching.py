@@ -85,6 +85,13 @@ class Batch:
         x = self.xp.take(x, self.xp.asarray(np.array(rows, dtype=np.int64)), axis=0)
         return Products.of(self.xp, positions[rows], np.array(alone)).matmul(x, lm_head)
 
+    def record(self, layer, x):
+        """Hand the residual stream x [N, D] entering block `layer` (layer L: after the last block)
+        to the probe of each sequence that carries one (refimpl/inspection.py); nothing otherwise."""
+        for lo, hi, cache in self.spans:
+            if cache.probe is not None:
+                cache.probe.residual(layer, x[lo:hi, ...])
+
     def advance(self):
         """After the last layer: each cache now holds its new tokens."""
         for lo, hi, cache in self.spans:
@@ -145,6 +152,8 @@ def attend(xp, batch, layer, q, k, v, window, scale=None, softcap=None):
     for lo, hi, cache in batch.spans:
         start = cache.length
         keys, values = cache.write(xp, layer, start, k[lo:hi, ...], v[lo:hi, ...])
+        if cache.probe is not None:  # looking inside (inspection.py): the same queries and keys
+            cache.probe.attention(layer, q[lo:hi, ...], keys[:, :start + hi - lo, :], start, window, scale, softcap)
         if cache.decodes(start):  # a generated token
             outs.append(decode_attention(xp, q[lo:hi, ...], keys, values, start, window, scale, softcap))
         else:

@@ -1,4 +1,5 @@
-"""The `refimpl` command line: pull, convert-gguf, generate, score, chat (and serve, from webapp)."""
+"""The `refimpl` command line: pull, convert-gguf, generate, score, compare, tokenize, inspect, chat
+(and serve, from webapp)."""
 
 import argparse
 import json
@@ -58,6 +59,27 @@ def main(argv=None):
     p.add_argument("--json", metavar="OUT.json", help="write the whole report there")
     add_model_options(p)
     p.set_defaults(run=cmd_compare)
+
+    p = sub.add_parser("tokenize", help="show how a text is cut into tokens: ids, pieces and bytes")
+    p.add_argument("text")
+    p.add_argument("--chat", action="store_true", help="render the text as a user message with the chat template first")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="a model directory or a known model name")
+    p.set_defaults(run=cmd_tokenize)
+
+    p = sub.add_parser("inspect", help="look inside the model: each token's log-probability, the logit lens "
+                                       "(--lens), attention weights (--attention L:H)")
+    p.add_argument("text")
+    p.add_argument("--chat", action="store_true", help="render the text as a user message with the chat template "
+                                                       "(and the assistant's header) first")
+    p.add_argument("--lens", action="store_true", help="what each layer would predict, layer by layer")
+    p.add_argument("--top", type=int, default=3, help="--lens candidates per layer (default 3)")
+    p.add_argument("--attention", action="append", default=[], metavar="L:H",
+                   help="the weights of head H of layer L over the earlier tokens (repeatable)")
+    p.add_argument("--at", type=int, action="append", metavar="POSITION",
+                   help="the position --lens and --attention look at (repeatable; negative counts from the end; "
+                        "default -1, the last, which predicts what comes next)")
+    add_model_options(p)
+    p.set_defaults(run=cmd_inspect)
 
     p = sub.add_parser("chat", help="chat with the model in the terminal (/new starts over, Ctrl-D quits)")
     p.add_argument("--system", help="a system prompt")
@@ -230,6 +252,76 @@ def cmd_compare(args):
             json.dump(report, f, indent=1, ensure_ascii=False)
     print(describe(report))
     return 0 if report["verdict"] == "agree" else 1
+
+
+def cmd_tokenize(args):
+    from refimpl.explain import token_text
+    from refimpl.pull import resolve_model
+    from refimpl.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(resolve_model(args.model))
+    ids = prompt_ids(tokenizer, args.text, args.chat)
+    if args.chat:
+        print(tokenizer.decode(ids))
+    print(f"{'pos':>5} {'id':>7}  {'piece':<24} bytes")
+    for pos, token_id in enumerate(ids):
+        text, raw = token_text(tokenizer, token_id)
+        special = token_id in tokenizer.special_ids
+        print(f"{pos:5d} {token_id:7d}  {text!r:<24} {'(special)' if special else bytes(raw).hex(' ')}")
+    print(f"{len(ids)} tokens, {len(args.text.encode())} bytes of text")
+    return 0
+
+
+def prompt_ids(tokenizer, text, chat):
+    """The text's ids; with `chat`, as a user message of the chat template, ready for the reply."""
+    return tokenizer.encode_chat([{"role": "user", "content": text}]) if chat else tokenizer.encode(text)
+
+
+def cmd_inspect(args):
+    from refimpl import inspection
+    from refimpl.explain import token_text
+
+    model, tokenizer, _ = load(args)
+    ids = prompt_ids(tokenizer, args.text, args.chat)
+    pairs = []
+    for spec in args.attention:
+        layer, _, head = spec.partition(":")
+        if not (layer.isdigit() and head.isdigit()):
+            print(f"refimpl inspect: --attention takes LAYER:HEAD, e.g. 3:0, not {spec!r}", file=sys.stderr)
+            return 2
+        pairs.append((int(layer), int(head)))
+    at = [p + len(ids) if p < 0 else p for p in (args.at or [-1])]
+    try:
+        asked = inspection.request(model.config, len(ids), at, args.top if args.lens else None,
+                                   sorted({layer for layer, _ in pairs}) or None, sorted({h for _, h in pairs}) or None)
+    except inspection.InspectionError as error:
+        print(f"refimpl inspect: {error}", file=sys.stderr)
+        return 2
+    result = inspection.inspect(model, ids, asked)
+
+    def show(token_id):
+        return repr(token_text(tokenizer, token_id)[0])
+
+    print(f"{'pos':>5} {'id':>7} {'logprob':>9}  token")
+    for pos, (token_id, logprob) in enumerate(zip(ids, result.logprobs)):
+        print(f"{pos:5d} {token_id:7d} {'' if logprob is None else f'{logprob:9.4f}':>9}  {show(token_id)}")
+    for i, pos in enumerate(result.positions):
+        following = f"next {show(ids[pos + 1])}" if pos + 1 < len(ids) else "the end of the prompt"
+        if result.lens is not None:
+            print(f"\nlogit lens at position {pos} ({show(ids[pos])}, {following}): layer 0 is the embeddings, "
+                  f"layer {model.config.num_hidden_layers} the model's output")
+            print(f"{'layer':>5} {'entropy':>8} {'next rank':>9} {'next logprob':>12}  top {args.top}")
+            for layer, row in enumerate(result.lens[i]):
+                rank = "" if row.next_rank is None else str(row.next_rank)
+                logprob = "" if row.next_logprob is None else f"{row.next_logprob:.4f}"
+                top = "  ".join(f"{show(t)} {lp:.2f}" for t, lp in row.top)
+                print(f"{layer:5d} {row.entropy:8.3f} {rank:>9} {logprob:>12}  {top}")
+        for layer, head in pairs:
+            weights = result.attention[(layer, head)][i]
+            print(f"\nattention of layer {layer}, head {head}, at position {pos} ({show(ids[pos])}) over positions 0..{pos}:")
+            for key, w in enumerate(weights):
+                print(f"{key:5d} {show(ids[key]):<20} {w:7.4f} {'#' * round(w * 40)}")
+    return 0
 
 
 def cmd_serve(args):

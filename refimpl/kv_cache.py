@@ -32,6 +32,9 @@ class KVCache:
         # What the stored keys depend on besides their positions, when the family says (Phi-3's
         # LongRoPE rotates a sequence by its capacity): caches of different kinds share no prefix.
         self.kind = None
+        # An inspection.Probe that records what the model computes for this sequence (its residual
+        # stream and attention weights), or None: serving never sets one.
+        self.probe = None
 
     def decodes(self, position):
         """Whether the token at `position` is a generated one (batching.py multiplies its row alone)."""

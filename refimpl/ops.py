@@ -186,6 +186,30 @@ def attention_block(xp, q, k, v, q_pos, k_pos, window, scale=None, softcap=None)
     return xp.reshape(xp.permute_dims(out, (1, 0, 2)), (T, H * Dh))  # [T, H*Dh]
 
 
+def attention_weights(xp, q, k, start, window, scale=None, softcap=None):
+    """The softmax weights of queries q [T, H, Dh], at positions start..start+T-1, over keys
+    k [Hkv, S, Dh] at positions 0..S-1: [H, T, S], zero where a query may not look (a later
+    position, or outside its window). Query head h reads key head h // G, as in attention_block.
+
+    The textbook form, for looking inside (refimpl/inspection.py): the same scores as
+    attention_block, normalised and kept. Serving never builds this [H, T, S] array.
+    """
+    T, H, Dh = q.shape
+    Hkv, S, _ = k.shape
+    scale = (1.0 / math.sqrt(Dh)) if scale is None else scale
+    k = xp.repeat(k, H // Hkv, axis=0)  # [H, S, Dh]: each key head once per query head it serves
+    scores = (xp.permute_dims(q, (1, 0, 2)) * scale) @ xp.matrix_transpose(k)  # [H, T, S]
+    if softcap is not None:
+        scores = soft_cap(xp, scores, softcap)
+    q_pos, k_pos = xp.arange(start, start + T), xp.arange(S)
+    visible = k_pos[None, :] <= q_pos[:, None]  # [T, S]
+    if window is not None:
+        visible = visible & (q_pos[:, None] - k_pos[None, :] < window)
+    scores = xp.where(visible, scores, -math.inf)
+    weights = xp.exp(scores - xp.max(scores, axis=-1, keepdims=True))
+    return weights / xp.sum(weights, axis=-1, keepdims=True)  # [H, T, S]
+
+
 # ---------------------------------------------------------------- LayerNorm and GELU (GPT-2 and others)
 
 

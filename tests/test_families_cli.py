@@ -52,3 +52,15 @@ def test_chat(model_dir, monkeypatch, capsys):
     monkeypatch.setattr("builtins.input", typed)
     assert main(["chat", "--max-tokens", "4", "--model", str(model_dir)]) == 0
     assert capsys.readouterr().out.count("model> ") == 2  # a reply to each message, none to /new
+
+
+def test_tokenize_and_inspect(model_dir, capsys):
+    """`refimpl inspect` runs every family's probe: a lens row per layer 0..L and a head's weights."""
+    layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    assert main(["tokenize", "hello there", "--model", str(model_dir)]) == 0
+    assert "11 tokens, 11 bytes of text" in capsys.readouterr().out  # one byte-level token per byte
+    assert main(["inspect", "hello there", "--lens", "--attention", "0:0", "--model", str(model_dir)]) == 0
+    out = capsys.readouterr().out
+    lens = out.split("logit lens at position 10")[1].split("attention of layer 0")[0]
+    assert [line.split()[0] for line in lens.strip().splitlines()[2:]] == [str(i) for i in range(layers + 1)]
+    assert "attention of layer 0, head 0, at position 10" in out

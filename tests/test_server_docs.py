@@ -10,11 +10,12 @@ import pytest
 from server_helpers import tiny_model_dir
 from webapp import webchat
 from webapp.app import ServerConfig, create_app
-from webapp.schemas import ChatCompletionResponse, CompletionResponse
+from webapp.schemas import ChatCompletionResponse, CompletionResponse, InspectResponse
 from webapp.serving import ModelState
 
 # Each POST operation and the schema its answer must load through (undocumented fields refused).
-POST_OPERATIONS = {"/v1/chat/completions": ChatCompletionResponse, "/v1/completions": CompletionResponse}
+POST_OPERATIONS = {"/v1/chat/completions": ChatCompletionResponse, "/v1/completions": CompletionResponse,
+                   "/v1/inspect": InspectResponse}
 
 
 API_KEY = "sk-docs"
@@ -84,12 +85,16 @@ def test_every_post_operation_is_tried(document):
 def test_try_it_out_example_is_small_real_and_answered(client, document, path):
     body = request_example(document, path)
     assert None not in body.values()
-    assert 1 <= body["max_tokens"] <= 64  # not a generation to the end of the context window
     text = body["prompt"] if "prompt" in body else body["messages"][-1]["content"]
     assert isinstance(text, str) and len(text.split()) >= 4  # words, not "string"
     response = client.post(path, json=body, headers=AUTHORIZED)
     assert response.status_code == 200, response.data
     reply = POST_OPERATIONS[path]().load(response.get_json())
+    if path == "/v1/inspect":  # the prompt's tokens, looked inside: the lens and one layer's heads
+        assert len(reply["token_ids"]) == len(reply["logit_lens"]) == reply["usage"]["prompt_tokens"] > 10
+        assert reply["attention"] and all(len(head["weights"]) == len(reply["token_ids"]) for head in reply["attention"])
+        return
+    assert 1 <= body["max_tokens"] <= 64  # not a generation to the end of the context window
     assert len(reply["choices"]) == 1
     assert 1 <= reply["usage"]["completion_tokens"] <= body["max_tokens"]
 

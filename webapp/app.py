@@ -1,8 +1,8 @@
 """The app factory: create_app(engine or ModelState, ServerConfig) -> a Flask WSGI app.
 
 Routes: POST /v1/chat/completions (chat.py), POST /v1/completions (completions.py),
-GET /v1/models, /health, /docs, /openapi.json (meta.py), and the web chat: the page at / and its
-WebSocket /v1/ws (webchat.py).
+POST /v1/inspect (inspection.py), GET /v1/models, /health, /docs, /openapi.json (meta.py), and
+the web chat: the page at / and its WebSocket /v1/ws (webchat.py).
 Around every request: an id and one log line, the API key check, CORS headers when asked for,
 and errors.py turning anything that goes wrong into OpenAI's error envelope.
 """
@@ -17,7 +17,7 @@ from flask import Flask, g, request
 
 from refimpl import __version__
 
-from webapp import chat, completions, errors, meta, metrics, webchat
+from webapp import chat, completions, errors, inspection, meta, metrics, webchat
 from webapp.common import RequestLog, api_key_matches
 from webapp.errors import ApiError
 from webapp.schemas import ChatCompletionChunk, ErrorResponse, either2properties
@@ -74,7 +74,7 @@ def create_app(state, config=None):
     api = Api(app)
     api.ma_plugin.converter.add_attribute_function(either2properties)
     api.spec.components.schema("ChatCompletionChunk", schema=ChatCompletionChunk)  # named by the SSE description
-    for blueprint in (chat.blp, completions.blp, meta.blp):
+    for blueprint in (chat.blp, completions.blp, inspection.blp, meta.blp):
         api.register_blueprint(blueprint)
     meta.register_docs(app, api)
     app.register_blueprint(webchat.bp)
@@ -126,6 +126,8 @@ def spec_options(config):
         "limits could ever run; 401 missing or wrong API key; 403 the web chat's WebSocket opened from another "
         "site's page; 404; 408 the body stopped arriving; 413 body too large; 415 not JSON; 429 queue full "
         "(with Retry-After); 503 model loading or server shutting down.\n"
+        "- `POST /v1/inspect` looks inside the model for a prompt: its tokens, the logit lens (what each layer "
+        "would predict) and attention weights, from the reference forward pass (refimpl's own endpoint).\n"
         "- Besides the API: `GET /metrics` (Prometheus), and the web chat at `/`, which talks over the "
         "WebSocket `/v1/ws` (its protocol is under chat below; Try it out cannot open a WebSocket).")
     options = {"info": {"description": description}}

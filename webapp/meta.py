@@ -19,7 +19,8 @@ from werkzeug.routing import Map, Rule
 
 from webapp.common import current_model
 from webapp.parsing import Blueprint
-from webapp.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, Health, Model, ModelList
+from webapp.schemas import (ChatCompletionRequest, CompletionRequest, ErrorResponse, Health, InspectRequest, Model,
+                            ModelList)
 
 blp = Blueprint("models", __name__, description="The loaded model, the server's health and its metrics.")
 
@@ -75,6 +76,8 @@ Client to server:
   "top_p": 0.95, "top_k": 40, "min_p": 0.05, "max_tokens": 256, "seed": 1}, "alternatives": 10}`: each setting
   optional (null or absent: the API's default), alternatives 10 to 20 (optional, default 10)
 - `{"type": "cancel", "id": "r1"}`: that reply ends at the next engine step (its done event says `canceled`)
+- `{"type": "inspect", "id": "i1", "request": {...}}`: look inside the model; `request` is a `POST /v1/inspect`
+  body, checked and limited the same way
 
 Server to client:
 
@@ -85,10 +88,11 @@ Server to client:
   deltas gives the reply; p, logprob and rank are the model's raw distribution
 - `{"type": "done", "id", "finish_reason": "stop" | "length" | "canceled", "content", "usage", "request_id"}`:
   request_id names the reply's line in the server's log
+- `{"type": "inspection", "id", "inspection": {...}}`: the `POST /v1/inspect` response
 - `{"type": "error", "id", "status", "error": {"message", "type", "param", "code"}}`: ends that reply
   (id is null if the message had none); the socket stays open
 
-One reply streams at a time per socket: a second chat meanwhile gets a 409 error event. The README's
+One reply streams at a time per socket: a second chat (or an inspect) meanwhile gets a 409 error event. The README's
 web chat section describes every field of a token event.
 
 Limits: a browser page from another origin than this server's (or one allowed by `--cors-origin`) is
@@ -143,7 +147,7 @@ def register_docs(app, api):
 
     # A schema-level example is what Swagger UI fills "Try it out" with; the request schemas are
     # registered as components by now (api.register_blueprint), under their class names.
-    for schema in (ChatCompletionRequest, CompletionRequest):
+    for schema in (ChatCompletionRequest, CompletionRequest, InspectRequest):
         api.spec.components.schemas[schema.__name__]["example"] = schema.EXAMPLE
     document_route(api, "/metrics", METRICS_DOC)
     document_route(api, "/v1/ws", WEBSOCKET_DOC)

@@ -24,6 +24,7 @@ import copy
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
+from refimpl import inspection
 from refimpl.sampling import MAX_STOP, MAX_STOP_CHARS, MAX_TOP_LOGPROBS
 
 MAX_PROMPTS = 64
@@ -301,6 +302,63 @@ class CompletionRequest(SamplingFields):
         return data
 
 
+class LensOptions(RequestSchema):
+    top = Integer(load_default=5, validate=validate.Range(min=1, max=inspection.MAX_TOP),
+                  metadata={"description": f"Candidates per position and layer, 1 to {inspection.MAX_TOP} (default 5)."})
+
+
+def layers_or_heads(what):
+    return Either(string=String(validate=validate.OneOf(["all"])),
+                  array=fields.List(Integer(validate=validate.Range(min=0)), validate=validate.Length(min=1)),
+                  required=True, metadata={"description": f'"all", or a list of {what} numbers (from 0).'})
+
+
+class AttentionOptions(RequestSchema):
+    layers = layers_or_heads("layer")
+    heads = layers_or_heads("query head")
+
+
+class InspectRequest(RequestSchema):
+    EXAMPLE = {"model": "default",
+               "messages": [{"role": "user", "content": "What is the capital of France?"},
+                            {"role": "assistant", "content": "The capital of France is Paris."}],
+               "logit_lens": {"top": 3}, "attention": {"layers": [0], "heads": "all"}}
+
+    model = String(allow_none=True, load_default="", metadata={
+        "description": "Empty, `default`, or the loaded model's id (see GET /v1/models)."})
+    prompt = Either(string=String(validate=validate.Length(min=1)),
+                    array=fields.List(token_id(), validate=validate.Length(min=1)), load_default=None,
+                    metadata={"description": "Text (tokenized as completions does) or token ids. "
+                                             "Give prompt or messages."})
+    messages = Either(array=fields.List(fields.Nested(ChatMessage), validate=validate.Length(min=1)),
+                      string=String(), load_default=None,
+                      metadata={"description": "A conversation, rendered with the chat template; a plain string is "
+                                               "one user message."})
+    add_generation_prompt = optional(Boolean, "With messages: end with the template's assistant header, as a "
+                                              "chat reply's prompt does (default false).")
+    positions = fields.List(Integer(validate=validate.Range(min=0)), validate=validate.Length(min=1),
+                            allow_none=True, load_default=None,
+                            metadata={"description": "Only these positions (0-based) in logit_lens and attention "
+                                                     "(default: every position)."})
+    logit_lens = fields.Nested(LensOptions, allow_none=True, load_default=None, metadata={
+        "description": "Ask for the logit lens: what each layer's residual stream predicts at each position."})
+    attention = fields.Nested(AttentionOptions, allow_none=True, load_default=None, metadata={
+        "description": "Ask for the attention weights of these layers x heads."})
+
+    @validates_schema
+    def prompt_or_messages(self, data, **kwargs):
+        if (data.get("prompt") is None) == (data.get("messages") is None):
+            raise ValidationError("give either prompt or messages", "prompt")
+        if data.get("add_generation_prompt") and data.get("messages") is None:
+            raise ValidationError("add_generation_prompt needs messages", "add_generation_prompt")
+
+    @post_load
+    def as_messages(self, data, **kwargs):
+        if isinstance(data["messages"], str):
+            data["messages"] = [{"role": "user", "content": data["messages"]}]
+        return data
+
+
 # --- Responses ------------------------------------------------------------------------------
 
 class ResponseSchema(Schema):
@@ -435,3 +493,56 @@ class ErrorResponse(ResponseSchema):
     """OpenAI's error envelope: every error this server returns has this shape."""
     error = req(fields.Nested, ErrorDetail)
 
+
+class LensCandidate(ResponseSchema):
+    token_id = req(fields.Integer)
+    token = req(fields.String)
+    logprob = req(fields.Float)
+
+
+class LensNextToken(LensCandidate):
+    rank = req(fields.Integer, metadata={"description": "1: this layer's most likely token."})
+
+
+class LensLayer(ResponseSchema):
+    layer = req(fields.Integer, metadata={"description": "0: the embeddings; L (num_hidden_layers): after the last "
+                                                         "block, the model's own distribution."})
+    top = req(fields.List, fields.Nested(LensCandidate))
+    next_token = nullable(fields.Nested, LensNextToken,
+                          metadata={"description": "The token that comes next in the prompt; null at the last position."})
+    entropy = req(fields.Float, metadata={"description": "Of this layer's whole distribution, in nats."})
+
+
+class AttentionHead(ResponseSchema):
+    layer = req(fields.Integer)
+    head = req(fields.Integer, metadata={"description": "A query head, numbered as transformers' output_attentions."})
+    weights = req(fields.List, fields.List(fields.Float()),
+                  metadata={"description": "One row per position asked for: row p holds the p + 1 softmax weights of "
+                                           "query p over positions 0..p (zeros outside a sliding window), rounded to "
+                                           "6 decimals."})
+
+
+class InspectUsage(ResponseSchema):
+    prompt_tokens = req(fields.Integer)
+    total_tokens = req(fields.Integer)
+
+
+class InspectResponse(ResponseSchema):
+    object = req(fields.String, metadata={"description": "inspection"})
+    model = req(fields.String)
+    text = req(fields.String, metadata={"description": "The prompt as the model reads it (the rendered chat template)."})
+    token_ids = req(fields.List, fields.Integer())
+    tokens = req(fields.List, fields.String(), metadata={"description": "Each token's text (U+FFFD where it holds "
+                                                                          "part of a character; special tokens as "
+                                                                          "their markers)."})
+    logprobs = req(fields.List, fields.Float(allow_none=True),
+                   metadata={"description": "log p(token t | tokens before it); null for the first."})
+    message_tokens = nullable(fields.List, fields.List(fields.Integer()),
+                              metadata={"description": "With messages: [start, end) of each message's turn in "
+                                                       "token_ids; null otherwise."})
+    positions = req(fields.List, fields.Integer(), metadata={"description": "The positions logit_lens and "
+                                                                            "attention rows are given for."})
+    logit_lens = nullable(fields.List, fields.List(fields.Nested(LensLayer)),
+                          metadata={"description": "Per position asked for, per layer 0..L."})
+    attention = nullable(fields.List, fields.Nested(AttentionHead))
+    usage = req(fields.Nested, InspectUsage)

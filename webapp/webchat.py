@@ -11,6 +11,8 @@ are no in-band sentinel strings. Client to server:
                   "max_tokens": 256, "seed": 1},  each optional; null or absent: the API default
      "alternatives": 10}                         optional, 10 to 20
     {"type": "cancel", "id": "r1"}               stop that reply (its done event says "canceled")
+    {"type": "inspect", "id": "i1", "request": {...}}   look inside the model: the request is a
+                                                 POST /v1/inspect body (webapp/inspection.py)
 
 Server to client:
 
@@ -20,6 +22,7 @@ Server to client:
      "p_temp", "kept", "removed_by", "chosen"}, ...], "other_p", "other_p_temp", "top_p_cut"}
     {"type": "done", "id", "finish_reason": "stop" | "length" | "canceled", "content", "usage",
      "request_id"}                              request_id: the reply's id in the server's log
+    {"type": "inspection", "id", "inspection": {...}}   the POST /v1/inspect response
     {"type": "error", "id" (null if the message had none), "status", "error": {"message",
      "type", "param", "code"}}                  ends that reply; the socket stays open
 
@@ -49,12 +52,12 @@ from marshmallow import RAISE, Schema, fields, validate
 from simple_websocket import ConnectionClosed
 from wsproto.frame_protocol import CloseReason
 
-from webapp import chat
+from webapp import chat, inspection
 from webapp.common import RequestLog, api_key_matches, usage
 from webapp.errors import ApiError, from_exception
 from webapp.serving import Caller, ClientDisconnected
 from webapp.parsing import parse_json_text
-from webapp.schemas import ChatCompletionRequest, Integer
+from webapp.schemas import ChatCompletionRequest, InspectRequest, Integer
 
 PROTOCOL = 1
 PAGE = Path(__file__).parent / "static" / "chat"
@@ -109,7 +112,13 @@ class CancelMessage(Message):
     id = fields.String(required=True)
 
 
-MESSAGES = {"auth": AuthMessage(), "chat": ChatStartMessage(), "cancel": CancelMessage()}
+class InspectMessage(Message):
+    id = fields.String(required=True, validate=validate.Length(1, 64))
+    request = fields.Dict(required=True)  # a POST /v1/inspect body, checked by its schema
+
+
+MESSAGES = {"auth": AuthMessage(), "chat": ChatStartMessage(), "cancel": CancelMessage(),
+            "inspect": InspectMessage()}
 
 
 @sock.route("/v1/ws", bp=bp)
@@ -166,6 +175,8 @@ class ChatSocket:
             elif not self.authorised:
                 raise ApiError(401, "this server needs an API key: send {\"type\": \"auth\", \"api_key\": ...} first",
                                code="invalid_api_key")
+            elif message["type"] == "inspect":
+                self.inspect(message)
             else:
                 self.stream(message)
         except ConnectionClosed:
@@ -219,6 +230,18 @@ class ChatSocket:
         self.send(type="done", id=reply_id, finish_reason=finish or "canceled", content="".join(content),
                   usage=log.usage, request_id=log.request_id)
         log.finish(200, note="" if finish else "finish_reason canceled")
+
+    def inspect(self, message):
+        """Answer one inspect message with the /v1/inspect response (an inspection event) or an error."""
+        log = RequestLog("WS", "/v1/ws inspect")
+        try:
+            body = InspectRequest().load(message["request"])
+            result = inspection.run(body, Caller(self.app.state, self.app.metrics, log, self))
+        except Exception as err:  # noqa: BLE001 - answered with an error event
+            log.finish(self.send_error(message["id"], err, log).status)
+            return
+        self.send(type="inspection", id=message["id"], inspection=result)
+        log.finish(200)
 
     def gone(self):
         """For serving.Job: the client closed the socket (simple-websocket's reader saw it)."""

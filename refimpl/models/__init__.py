@@ -81,3 +81,8 @@ def load_model(path, device="cpu", xp=None):
 def forward(model, tokens, caches, all_logits=False):
     """Run new tokens of one or more sequences through the model (see the family's forward)."""
     return model.family.forward(model, tokens, caches, all_logits)
+
+
+def output_logits(model, x):
+    """The final norm and output head on residual-stream rows x [N, D] (see the family's output_logits)."""
+    return model.family.output_logits(model, x)

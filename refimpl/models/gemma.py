@@ -412,13 +412,26 @@ def forward(model, tokens, caches, all_logits=False):
     rotations = {kind: rope_cos_sin(xp, inv_freq, batch.positions) for kind, inv_freq in W.inv_freq.items()}
 
     x = embed(xp, W, batch.ids)  # [N, D]
+    batch.record(0, x)  # the residual stream before the blocks, kept only by an inspected sequence (inspection.py)
     for layer, (w, kind) in enumerate(zip(W.layers, cfg.layer_types)):
         window = cfg.sliding_window if kind == "sliding_attention" else None
         x = block(xp, cfg, w, layer, x, *rotations[kind], window, batch)
+        batch.record(layer + 1, x)  # and after each block
     batch.advance()
 
     # Each sequence's last position predicts its next token; scoring a prompt wants every position's.
     logits = batch.logits(rms_norm(xp, x, W.norm, cfg.rms_norm_eps), W.lm_head, all_logits)  # [B, V] or [N, V]
+    if cfg.final_logit_softcapping is not None:
+        logits = soft_cap(xp, logits, cfg.final_logit_softcapping)
+    return logits
+
+
+def output_logits(model, x):
+    """The final norm and the output head on residual-stream rows x [N, D]: logits [N, V], what the
+    model would predict if the blocks ended there. forward applies the same steps to the rows that
+    predict (Batch.logits); the logit lens (inspection.py) applies them to every layer's rows."""
+    xp, cfg, W = model.xp, model.config, model.weights
+    logits = rms_norm(xp, x, W.norm, cfg.rms_norm_eps) @ W.lm_head  # [N, V]
     if cfg.final_logit_softcapping is not None:
         logits = soft_cap(xp, logits, cfg.final_logit_softcapping)
     return logits

@@ -262,9 +262,19 @@ def forward(model, tokens, caches, all_logits=False):
     batch = Batch.of(xp, tokens, caches)
 
     x = embed(xp, W, batch.ids, batch.positions)  # [N, D]
+    batch.record(0, x)  # the residual stream before the blocks, kept only by an inspected sequence (inspection.py)
     for layer, w in enumerate(W.layers):
         x = block(xp, cfg, w, layer, x, batch)
+        batch.record(layer + 1, x)  # and after each block
     batch.advance()
 
     # Each sequence's last position predicts its next token; scoring a prompt wants every position's.
     return batch.logits(layer_norm(xp, x, *W.ln_f, cfg.layer_norm_epsilon), W.lm_head, all_logits)  # [B, V] or [N, V]
+
+
+def output_logits(model, x):
+    """The final norm and the output head on residual-stream rows x [N, D]: logits [N, V], what the
+    model would predict if the blocks ended there. forward applies the same steps to the rows that
+    predict (Batch.logits); the logit lens (inspection.py) applies them to every layer's rows."""
+    xp, cfg, W = model.xp, model.config, model.weights
+    return layer_norm(xp, x, *W.ln_f, cfg.layer_norm_epsilon) @ W.lm_head  # [N, V]

@@ -338,9 +338,19 @@ def forward(model, tokens, caches, all_logits=False):
     cos, sin = rope_cos_sin(xp, W.inv_freq, batch.positions)
 
     x = embed(xp, W.embed_tokens, W.lm_head, batch.ids)  # [N, D]
+    batch.record(0, x)  # the residual stream before the blocks, kept only by an inspected sequence (inspection.py)
     for layer, w in enumerate(W.layers):
         x = block(xp, cfg, w, layer, x, cos, sin, batch)
+        batch.record(layer + 1, x)  # and after each block
     batch.advance()
 
     # Each sequence's last position predicts its next token; scoring a prompt wants every position's.
     return batch.logits(rms_norm(xp, x, W.norm, cfg.rms_norm_eps), W.lm_head, all_logits)  # [B, V] or [N, V]
+
+
+def output_logits(model, x):
+    """The final norm and the output head on residual-stream rows x [N, D]: logits [N, V], what the
+    model would predict if the blocks ended there. forward applies the same steps to the rows that
+    predict (Batch.logits); the logit lens (inspection.py) applies them to every layer's rows."""
+    xp, cfg, W = model.xp, model.config, model.weights
+    return rms_norm(xp, x, W.norm, cfg.rms_norm_eps) @ W.lm_head  # [N, V]
