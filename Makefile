@@ -25,6 +25,7 @@ test: $(VENV)/.installed-test
 golden: $(VENV)/.installed-golden
 	$(PY) golden/make_golden_tokenizer.py
 	$(PY) golden/make_golden_logprobs.py
+	$(PY) golden/make_golden_inspection.py
 	$(PY) golden/make_golden_sampling.py
 
 # Measure refimpl's speed beside transformers in the same run, where one 8-sequence decoding step's

@@ -21,7 +21,7 @@ any QK norm) with the layer's window, scale and soft cap. Without a probe, both 
 `if`. Layer L's lens is the forward pass's own logits, so it equals the reported logprobs; the
 other layers go through the family's `output_logits` (final norm, head, any final soft cap).
 
-Limits keep a response small (LIMITS below); `check` says how to narrow a request that is too
+Limits keep a response small (LIMITS below); `request` says how to narrow a request that is too
 large. Shapes: T prompt tokens, P positions looked at, L blocks, H query heads, V vocabulary.
 """
 
@@ -142,21 +142,24 @@ class Probe:
     def __init__(self, xp, asked):
         self.xp, self.asked = xp, asked
         self.keep_residual = asked.top is not None
+        self.positions = set(asked.positions)
         self.heads = {}  # layer -> the heads of it asked for
         for layer, head in asked.pairs:
             self.heads.setdefault(layer, []).append(head)
         self.residuals = {}  # layer -> [chunks of [T, D]]
-        self.weights = {}  # layer -> [chunks of (start, [h, T, S])]
+        self.rows = {}  # (layer, position p) -> [heads asked for, p + 1] weights: only the rows asked for are kept
 
     def residual(self, layer, x):
         if self.keep_residual:
             self.residuals.setdefault(layer, []).append(x)
 
     def attention(self, layer, q, k, start, window, scale, softcap):
-        if layer in self.heads:
-            weights = attention_weights(self.xp, q, k, start, window, scale, softcap)  # [H, T, S]
-            picked = self.xp.asarray(np.array(self.heads[layer], dtype=np.int64))
-            self.weights.setdefault(layer, []).append((start, to_numpy(self.xp.take(weights, picked, axis=0))))
+        if layer not in self.heads:
+            return
+        weights = to_numpy(attention_weights(self.xp, q, k, start, window, scale, softcap))  # [H, T, S]
+        for t in range(q.shape[0]):
+            if start + t in self.positions:
+                self.rows[layer, start + t] = weights[self.heads[layer], t, :start + t + 1]
 
     def residual_rows(self, layer, positions):
         """The residual stream entering block `layer` at `positions`: [P, D]."""
@@ -166,11 +169,7 @@ class Probe:
     def attention_rows(self, layer, head, positions):
         """Head `head` of `layer` at the query `positions`: row i, positions[i] + 1 weights."""
         i = self.heads[layer].index(head)
-        rows = {}
-        for start, weights in self.weights[layer]:
-            for t in range(weights.shape[1]):
-                rows[start + t] = weights[i, t]
-        return [rows[p][:p + 1] for p in positions]
+        return [self.rows[layer, p][i] for p in positions]
 
 
 def inspect(model, ids, asked):
@@ -194,8 +193,9 @@ def inspect(model, ids, asked):
         rows = [(layer, i) for layer in range(L) for i in range(P)]
         x = xp.concat([cache.probe.residual_rows(layer, asked.positions) for layer in range(L)], axis=0)  # [L P, D]
         for lo in range(0, len(rows), LENS_ROWS):
-            lp = to_numpy(log_softmax(xp, output_logits(model, x[lo:lo + LENS_ROWS, ...])))  # [<= LENS_ROWS, V]
-            for (layer, i), row in zip(rows[lo:lo + LENS_ROWS], lp):
+            hi = min(lo + LENS_ROWS, len(rows))  # the Array API has no slices past the end
+            lp = to_numpy(log_softmax(xp, output_logits(model, x[lo:hi, ...])))  # [hi - lo, V]
+            for (layer, i), row in zip(rows[lo:hi], lp):
                 lens[i][layer] = lens_row(row, nexts[i], asked.top)
 
     attention = {(layer, head): cache.probe.attention_rows(layer, head, asked.positions)
@@ -205,8 +205,10 @@ def inspect(model, ids, asked):
 
 def lens_row(logprobs, next_id, top):
     """The top candidates, the next token's rank and log-probability, and the entropy of one row [V]."""
-    best = np.argpartition(-logprobs, top - 1)[:top]  # the top candidates in no order, without sorting V
-    best = sorted(best, key=lambda i: (-logprobs[i], i))  # best first; a tie goes to the lower id
+    kth = np.partition(logprobs, len(logprobs) - top)[len(logprobs) - top]  # the top-th largest, without sorting V
+    # Every token at least that likely, best first, a tie to the lower id (as a stable sort would):
+    # argpartition alone would keep an arbitrary one of the tokens tied at the top-th place.
+    best = sorted(np.flatnonzero(logprobs >= kth), key=lambda i: (-logprobs[i], i))[:top]
     p = np.exp(logprobs.astype(np.float64))
     entropy = float(-np.sum(p * logprobs))
     if next_id is None:
