@@ -119,7 +119,7 @@ def test_golden_files_cover_every_family_and_window():
 @pytest.mark.parametrize("name", NAMES)
 def test_attention_weights_match_transformers(inspected, name):
     s = inspected(name)
-    golden, model, r = s.golden, s.model, s.r
+    golden, r = s.golden, s.r
     assert r.positions == list(range(len(golden["input_ids"])))
     for pair in golden["attention"]:
         layer, head = pair["layer"], pair["head"]
