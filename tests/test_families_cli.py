@@ -8,6 +8,8 @@ import pytest
 
 from conftest import GOLDEN
 from refimpl.cli import main
+from refimpl.models import load_config
+from refimpl.tokenizer import Tokenizer
 from server_helpers import tiny_model_dir
 from webapp.app import ServerConfig, create_app
 from webapp.serving import ModelState
@@ -56,11 +58,12 @@ def test_chat(model_dir, monkeypatch, capsys):
 
 def test_tokenize_and_inspect(model_dir, capsys):
     """`refimpl inspect` runs every family's probe: a lens row per layer 0..L and a head's weights."""
-    layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    layers = load_config(model_dir).num_hidden_layers  # GPT-2's config.json calls it n_layer
+    last = len(Tokenizer.from_dir(model_dir).encode("hello there")) - 1
     assert main(["tokenize", "hello there", "--model", str(model_dir)]) == 0
-    assert "11 tokens, 11 bytes of text" in capsys.readouterr().out  # one byte-level token per byte
+    assert f"{last + 1} tokens, 11 bytes of text" in capsys.readouterr().out
     assert main(["inspect", "hello there", "--lens", "--attention", "0:0", "--model", str(model_dir)]) == 0
     out = capsys.readouterr().out
-    lens = out.split("logit lens at position 10")[1].split("attention of layer 0")[0]
+    lens = out.split(f"logit lens at position {last}")[1].split("attention of layer 0")[0]
     assert [line.split()[0] for line in lens.strip().splitlines()[2:]] == [str(i) for i in range(layers + 1)]
-    assert "attention of layer 0, head 0, at position 10" in out
+    assert f"attention of layer 0, head 0, at position {last}" in out
