@@ -3,7 +3,9 @@
 What the page relies on: a hello first; token events whose numbers come from the real sampler
 (the same logprobs as the HTTP API, kept/filtered marks that agree with the settings); a done or
 an error event ending every reply; cancel; the API-key rule; and bad messages answered with an
-error event on a socket that keeps working.
+error event on a socket that keeps working. An inspect message is answered with the very response of
+POST /v1/inspect for the same body (or its error envelope, under the message's id), refused with 409
+while a reply streams on the socket and with 401 before the key.
 """
 
 import json
@@ -369,3 +371,95 @@ def test_the_page_is_served_locally_and_needs_no_key(keyed_server):
         response = requests.get(keyed_server.base + asset, timeout=10)
         assert response.status_code == 200, asset
         assert not re.search(r"https?://(?!localhost|127\.0\.0\.1)", response.text), f"{asset} reaches out"
+
+
+# ---------------------------------------------------------------- inspect: POST /v1/inspect over the socket
+
+INSPECT_BODIES = [
+    {"messages": HELLO, "add_generation_prompt": True},  # what the page asks before each reply
+    {"messages": [{"role": "system", "content": "Be brief."}, *HELLO], "positions": [2, 5],
+     "logit_lens": {"top": 3}, "attention": {"layers": [0, 2], "heads": "all"}},
+    {"prompt": [1, 87, 85, 267, 201, 42], "positions": [4], "logit_lens": {"top": 5},  # a reply token's tabs
+     "attention": {"layers": "all", "heads": "all"}},
+    {"prompt": "hello there", "logit_lens": {"top": 2}},
+]
+
+
+def http_inspect(server, body):
+    return requests.post(f"{server.base}/v1/inspect", json=body, timeout=60)
+
+
+@pytest.mark.parametrize("body", INSPECT_BODIES)
+def test_inspect_is_answered_with_the_http_inspection(socket, server, body):
+    socket.send({"type": "inspect", "id": "i1", "request": body})
+    event = socket.receive()
+    assert event["type"] == "inspection" and event["id"] == "i1" and set(event) == {"type", "id", "inspection"}, event
+    http = http_inspect(server, body)
+    assert http.status_code == 200, http.text
+    assert event["inspection"] == http.json()  # the same forward pass, bit for bit
+
+
+@pytest.mark.parametrize("body, param", [
+    ({}, "prompt"),  # neither prompt nor messages
+    ({"prompt": "hi", "messages": HELLO}, "prompt"),
+    ({"prompt": "hi", "positions": [99]}, "positions"),
+    ({"prompt": "hi", "logit_lens": {"top": 0}}, "logit_lens"),
+    ({"messages": HELLO, "attention": {"layers": [7], "heads": "all"}}, "attention"),
+    ({"prompt": [100000]}, "prompt"),
+    ({"prompt": [5] * 1100}, "prompt"),  # over the 1024-token limit: 400 saying how to narrow it
+])
+def test_a_bad_inspect_body_gets_an_error_event_with_its_id(socket, server, body, param):
+    socket.send({"type": "inspect", "id": "bad", "request": body})
+    error = socket.receive()
+    assert error["type"] == "error" and error["id"] == "bad" and error["status"] == 400, error
+    http = http_inspect(server, body)
+    assert http.status_code == 400
+    assert error["error"] == http.json()["error"], "the socket's envelope differs from the HTTP API's"
+    if param is not None:
+        assert error["error"]["param"].startswith(param), error
+    socket.send({"type": "inspect", "id": "good", "request": {"prompt": "hi"}})  # the socket goes on
+    assert socket.receive()["type"] == "inspection"
+
+
+@pytest.mark.parametrize("message, param", [
+    ({"type": "inspect", "request": {"prompt": "hi"}}, "id"),
+    ({"type": "inspect", "id": "x"}, "request"),
+    ({"type": "inspect", "id": "x", "request": "hi"}, "request"),
+])
+def test_a_malformed_inspect_message_gets_an_error_event(socket, message, param):
+    socket.send(message)
+    error = socket.receive()
+    assert error["type"] == "error" and error["status"] == 400 and error["error"]["param"] == param, error
+    assert error["id"] == message.get("id")
+
+
+def test_inspect_while_a_reply_streams_is_refused_with_409(endless):
+    endless.send({"type": "chat", "id": "long", "messages": HELLO, "settings": {"seed": 1}})
+    assert endless.receive()["type"] == "token"
+    endless.send({"type": "inspect", "id": "i-busy", "request": {"prompt": "hi"}})
+    _, refused = endless.tokens_then_other("long")
+    assert refused["type"] == "error" and refused["id"] == "i-busy" and refused["status"] == 409, refused
+    assert refused["error"]["code"] == "request_in_progress"
+    going_on = endless.receive()  # the reply was not disturbed
+    assert going_on["type"] == "token" and going_on["id"] == "long"
+    endless.send({"type": "cancel", "id": "long"})
+    _, done = endless.tokens_then_other("long")
+    assert done["type"] == "done" and done["finish_reason"] == "canceled"
+    endless.send({"type": "inspect", "id": "i-after", "request": {"prompt": "hi"}})  # once it ended: answered
+    answer = endless.receive()
+    assert answer["type"] == "inspection" and answer["id"] == "i-after"
+
+
+def test_inspect_needs_the_key(keyed_server):
+    s = Socket(keyed_server)
+    try:
+        s.send({"type": "inspect", "id": "i1", "request": {"prompt": "hi"}})
+        refused = s.receive()
+        assert refused["type"] == "error" and refused["id"] == "i1" and refused["status"] == 401, refused
+        assert refused["error"]["code"] == "invalid_api_key"
+        s.send({"type": "auth", "api_key": KEY})
+        s.send({"type": "inspect", "id": "i2", "request": {"prompt": "hi"}})
+        answer = s.receive()
+        assert answer["type"] == "inspection" and answer["id"] == "i2"
+    finally:
+        s.close()

@@ -124,6 +124,7 @@ def response(result, tokenizer, model_id, spans):
                       "weights": [np.round(row.astype(np.float64), WEIGHT_DECIMALS).tolist() for row in rows]}
                      for (layer, head), rows in result.attention.items()]
     return {"object": "inspection", "model": model_id, "text": tokenizer.decode(ids),
-            "token_ids": ids, "tokens": [text(i) for i in ids], "logprobs": result.logprobs,
+            "token_ids": ids, "tokens": [text(i) for i in ids], "special": [i in tokenizer.special_ids for i in ids],
+            "logprobs": result.logprobs,
             "message_tokens": spans, "positions": result.positions, "logit_lens": lens, "attention": attention,
             "usage": {"prompt_tokens": T, "total_tokens": T}}

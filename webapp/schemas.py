@@ -535,6 +535,8 @@ class InspectResponse(ResponseSchema):
     tokens = req(fields.List, fields.String(), metadata={"description": "Each token's text (U+FFFD where it holds "
                                                                           "part of a character; special tokens as "
                                                                           "their markers)."})
+    special = req(fields.List, fields.Boolean(), metadata={"description": "Whether each token is a control token "
+                                                                           "such as <|im_start|> (it adds no text)."})
     logprobs = req(fields.List, fields.Float(allow_none=True),
                    metadata={"description": "log p(token t | tokens before it); null for the first."})
     message_tokens = nullable(fields.List, fields.List(fields.Integer()),
