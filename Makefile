@@ -6,10 +6,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 VLLM_VENV ?= .venv-vllm
 LLAMACPP_VENV ?= .venv-llamacpp
+GRAMMAR_PEERS ?= .grammar-peers
 PORT ?= 8080
 HOST ?= 127.0.0.1
 
-.PHONY: serve test golden bench bench-vllm bench-score compare-llamacpp pull install clean
+.PHONY: serve test golden bench bench-vllm bench-score bench-grammar compare-llamacpp pull install clean
 
 # Serve the default model over the OpenAI-compatible HTTP API (make serve PORT=8081 HOST=0.0.0.0; docs at /docs).
 serve: $(VENV)/.installed
@@ -29,11 +30,19 @@ golden: $(VENV)/.installed-golden
 	$(PY) golden/make_golden_sampling.py
 
 # Measure refimpl's speed beside transformers in the same run, where one 8-sequence decoding step's
-# time goes, then the server under concurrent clients (make bench-vllm: beside vLLM's CPU build).
+# time goes, then the server under concurrent clients (make bench-vllm: beside vLLM's CPU build), and
+# the grammar's cost per token (make bench-grammar: beside xgrammar and outlines-core).
 bench: $(VENV)/.installed-golden
 	$(PY) bench/bench_forward.py
 	$(PY) bench/bench_step.py
 	$(PY) bench/bench_serving.py
+	$(PY) bench/bench_grammar.py
+
+# The grammar engines side by side: llguidance (refimpl's) beside xgrammar and outlines-core, installed apart.
+bench-grammar: $(VENV)/.installed-golden
+	$(PY) -m pip install --quiet --no-deps --target $(GRAMMAR_PEERS) xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 \
+		outlines-core==0.2.14
+	PYTHONPATH=$(GRAMMAR_PEERS) $(PY) bench/bench_grammar.py
 
 # The serving benchmark beside vLLM's CPU build: both servers on the same converted model, rounds alternated.
 bench-vllm: $(VENV)/.installed-test $(VLLM_VENV)/.installed
@@ -96,4 +105,4 @@ $(LLAMACPP_VENV)/.installed:
 
 # Remove the virtual environments and caches (the model cache in ~/.cache/refimpl stays).
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(LLAMACPP_VENV) *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(LLAMACPP_VENV) $(GRAMMAR_PEERS) *.egg-info .pytest_cache .hypothesis

@@ -18,6 +18,7 @@ setup(
         "gguf>=0.10",
         "tqdm>=4.60",
         "requests>=2.31",  # refimpl compare: the client of another OpenAI-compatible server
+        "llguidance>=1.9,<2",  # constrained decoding: JSON schemas and tool calls (refimpl/grammar.py)
         # The HTTP server (webapp/): Flask with marshmallow schemas, the OpenAPI document and Swagger UI
         # from flask-smorest (apispec) with local assets, WebSockets, and gunicorn to serve them.
         "flask>=3.1",
@@ -41,7 +42,7 @@ setup(
         # torch is pinned: an open range pulls a multi-GB CUDA build on machines without a GPU.
         "golden": ["torch==2.13.0", "transformers>=4.46", "accelerate>=0.26", "gguf>=0.10"],
         "test": ["pytest>=8", "hypothesis>=6.100", "array-api-strict>=2.0", "openai>=1.40",
-                 "schemathesis>=4.30", "selenium>=4.20", "websockets>=13"],
+                 "schemathesis>=4.30", "selenium>=4.20", "websockets>=13", "jsonschema>=4.20", "pydantic>=2"],
     },
     entry_points={"console_scripts": ["refimpl = refimpl.cli:main"]},
 )

@@ -36,6 +36,7 @@ import time
 from collections import OrderedDict, deque
 
 from refimpl.generate import chunk_logprobs, generate
+from refimpl.grammar import Grammars
 from refimpl.models import forward
 from refimpl.xp import to_numpy
 
@@ -168,6 +169,8 @@ class Engine:
     def __init__(self, model, tokenizer, stop_ids, max_seqs=16, max_queue=64, prefill_chunk=256,
                  prefix_cache_tokens=4096, offload=None, thread=True):
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, set(stop_ids)
+        # What a request's grammar (response_format, tools) is compiled against: the vocabulary's bytes.
+        self.grammars = Grammars(tokenizer, model.config.vocab_size, self.stop_ids)
         # offload(f, *args) runs the heavy arithmetic (forward passes, scoring a prompt chunk) and
         # returns f(*args). A server whose connections are greenlets of one thread (gevent) passes one
         # that runs it in a real thread, so that its event loop goes on serving meanwhile; the

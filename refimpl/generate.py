@@ -208,6 +208,7 @@ class Choice:
     generated: list = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
     finished: bool = False
+    grammar: object = None  # this choice's grammar.Matcher, when the request has a grammar
 
 
 class Generation:
@@ -249,7 +250,9 @@ class Generation:
     def new_choices(self, cache):
         """The n choices after the prompt: the first keeps the prompt's cache, the others copy it."""
         seeds = np.random.SeedSequence(self.params.seed).spawn(self.params.n)  # independent streams per choice
-        return [Choice(np.random.default_rng(s), cache if i == 0 else self.copy_of(cache), TextStream(self.params.stop))
+        grammar = self.params.grammar
+        return [Choice(np.random.default_rng(s), cache if i == 0 else self.copy_of(cache), TextStream(self.params.stop),
+                       grammar=None if grammar is None else grammar.matcher())
                 for i, s in enumerate(seeds)]
 
     def copy_of(self, cache):
@@ -260,8 +263,12 @@ class Generation:
     def step(self, index, choice, row):
         """Sample one token for one choice from its logits row [V] and turn it into an Event."""
         params = self.params
-        step = sample(row, params, choice.rng, seen=self.prompt_ids + choice.generated, generated_counts=choice.counts)
+        allowed = None if choice.grammar is None else choice.grammar.allowed(row.shape[-1])
+        step = sample(row, params, choice.rng, seen=self.prompt_ids + choice.generated, generated_counts=choice.counts,
+                      allowed=allowed)
         token = step.token
+        if choice.grammar is not None:
+            choice.grammar.advance(token)
         choice.generated.append(token)
         choice.counts[token] += 1
         self.usage.completion_tokens += 1
@@ -277,9 +284,11 @@ class Generation:
             choice.finished = True
             return Event(index, token, choice.text.finish(), logprobs, "stop", offset, insight, stop_token=True)
         text = choice.text.push(self.tokenizer.token_bytes(token))
-        finish = "stop" if choice.text.stopped else "length" if len(choice.generated) >= self.max_new else None
-        if finish == "length":
-            text += choice.text.finish()
+        # A grammar that has ended (its end token is not among the stop ids) ends the choice too.
+        ended = choice.text.stopped or (choice.grammar is not None and choice.grammar.finished)
+        finish = "stop" if ended else "length" if len(choice.generated) >= self.max_new else None
+        if finish is not None:
+            text += choice.text.finish()  # nothing after a stop string; else what was held back
         choice.finished = finish is not None
         return Event(index, token, text, logprobs, finish, offset, insight)
 

@@ -7,11 +7,13 @@ The transforms apply in this order, which is Hugging Face's where the two overla
                          logit is divided by the penalty, a negative one multiplied
   3. presence_penalty,   OpenAI's formula over the generated tokens only:
      frequency_penalty   logit -= frequency_penalty * count + presence_penalty * (count > 0)
-  4. temperature         divide by T; T = 0 means greedy: the argmax, ties to the lowest id
-  5. top_k               keep the k most likely tokens (exactly k: ties go to the lower id,
+  4. grammar             constrained decoding (response_format, tools): every token the request's
+                         grammar does not allow next gets -inf, so it can never be drawn (grammar.py)
+  5. temperature         divide by T; T = 0 means greedy: the argmax, ties to the lowest id
+  6. top_k               keep the k most likely tokens (exactly k: ties go to the lower id,
                          where HF would keep every token tied with the k-th)
-  6. top_p               keep the smallest set of most likely tokens whose mass reaches p
-  7. min_p               keep tokens with probability >= min_p * the top probability
+  7. top_p               keep the smallest set of most likely tokens whose mass reaches p
+  8. min_p               keep tokens with probability >= min_p * the top probability
 
 then one draw from the kept tokens' renormalised probabilities, with the request's own seeded
 NumPy Generator, so that CPU and GPU runs sample alike.
@@ -68,6 +70,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     explain: int = 0  # alternatives listed in each Event's insight (the web chat's token view); 0: none
+    grammar: object = None  # a grammar.Grammar every choice's output must match (step 4), or None
 
     def __post_init__(self):
         if isinstance(self.stop, str):  # OpenAI takes one stop string or a list of them
@@ -152,7 +155,7 @@ def apply_penalties(logits, params, seen, generated_counts):
 
 
 def softmax(logits, temperature=1.0):
-    """Probabilities of a float64 logits row at a temperature (step 4); -inf becomes exactly 0."""
+    """Probabilities of a float64 logits row at a temperature (step 5); -inf becomes exactly 0."""
     top = np.max(logits)
     # Shift by the maximum before dividing by T: with a tiny T, 1e30 / T would be inf and
     # inf - inf NaN, whereas (x - max) / T is at most 0 (at worst -inf: probability 0, as meant).
@@ -163,12 +166,12 @@ def softmax(logits, temperature=1.0):
 
 
 def filter_mask(probs, params):
-    """Steps 5-7 on probabilities after temperature: a boolean mask of the tokens kept."""
+    """Steps 6-8 on probabilities after temperature: a boolean mask of the tokens kept."""
     return filter_stages(probs, params)[0]
 
 
 def filter_stages(probs, params):
-    """Steps 5-7, one filter at a time: (kept, stages, top_p_mass).
+    """Steps 6-8, one filter at a time: (kept, stages, top_p_mass).
 
     kept is the mask of the tokens that survive every filter; stages lists (name, mask of the
     tokens that filter kept) for each filter that is on, in the order they apply, so that a
@@ -211,25 +214,32 @@ class SamplerStep:
     kept: np.ndarray  # [V] bool: survived top-k, top-p and min-p
     stages: list = field(default_factory=list)  # (filter name, [V] bool kept by it), in order
     top_p_mass: float | None = None  # see filter_stages
+    allowed: np.ndarray | None = None  # [V] bool: what the grammar allowed (step 4); None without one
 
     def removed_by(self, token):
-        """Why a token could not be drawn: None (kept), "temperature" (probability 0 after it:
-        at temperature 0 only the most likely token is left), or the first filter that removed it."""
+        """Why a token could not be drawn: None (kept), "grammar" (the request's grammar forbade it),
+        "temperature" (probability 0 after it: at temperature 0 only the most likely token is left),
+        or the first filter that removed it."""
         if self.kept[token]:
             return None
+        if self.allowed is not None and not self.allowed[token]:
+            return "grammar"
         if self.probs[token] == 0:
             return "temperature"
         return next(name for name, kept in self.stages if not kept[token])
 
 
-def sample(logits, params, rng, seen=(), generated_counts=None):
-    """Choose the next token from one logits row [V] (host array); returns a SamplerStep."""
+def sample(logits, params, rng, seen=(), generated_counts=None, allowed=None):
+    """Choose the next token from one logits row [V] (host array); returns a SamplerStep.
+    `allowed` [V] bool: the tokens the request's grammar allows next (None: no grammar)."""
     logits = apply_penalties(logits, params, seen, generated_counts or {})
+    if allowed is not None:
+        logits[~allowed] = -np.inf  # step 4 (apply_penalties made a copy)
     if params.greedy:
         token = int(np.argmax(logits))  # ties: the lowest id
         probs = np.zeros_like(logits)
         probs[token] = 1.0
-        return SamplerStep(token, probs, probs > 0)
+        return SamplerStep(token, probs, probs > 0, allowed=allowed)
     probs = softmax(logits, params.temperature)
     kept, stages, top_p_mass = filter_stages(probs, params)
     # Inverse-CDF draw: the first token whose cumulative weight exceeds u * total.
@@ -239,4 +249,4 @@ def sample(logits, params, rng, seen=(), generated_counts=None):
     token = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
     if token == cumulative.size:
         token = int(np.flatnonzero(kept)[-1])
-    return SamplerStep(token, probs, kept, stages, top_p_mass)
+    return SamplerStep(token, probs, kept, stages, top_p_mass, allowed)

@@ -47,6 +47,9 @@ class Tokenizer:
         self.byte_level = type(backend.decoder).__name__ == "ByteLevel"
         self.chat_template = config.get("chat_template")
         self._template = compile_template(self.chat_template) if self.chat_template else None
+        # Whether the template renders a `tools` list itself (Qwen, Llama 3.1, Hermes); for the others a
+        # server describes the tools in a system message (webapp/tools.py).
+        self.template_takes_tools = bool(self.chat_template) and "tools" in self.chat_template
 
     @classmethod
     def from_dir(cls, path):
@@ -77,8 +80,9 @@ class Tokenizer:
         """The text of token ids (special tokens written out unless skipped)."""
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages, add_generation_prompt=True):
-        """Render messages ([{"role": ..., "content": ...}, ...]) into the model's prompt text."""
+    def apply_chat_template(self, messages, add_generation_prompt=True, tools=None):
+        """Render messages ([{"role": ..., "content": ...}, ...]) into the model's prompt text;
+        `tools` (OpenAI's function tools) go to the templates that take them."""
         if self._template is None:
             raise ChatTemplateError("this model has no chat template (no chat_template in tokenizer_config.json)")
         return self._template.render(
@@ -86,6 +90,7 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
+            **({"tools": tools} if tools else {}),
         )
 
     def token_bytes(self, token_id):
@@ -105,9 +110,9 @@ class Tokenizer:
             return bytes([int(piece[3:5], 16)])
         return piece.replace("\u2581", " ").encode("utf-8")  # SentencePiece writes a space as U+2581
 
-    def encode_chat(self, messages, add_generation_prompt=True):
+    def encode_chat(self, messages, add_generation_prompt=True, tools=None):
         """Token ids of the rendered chat; the template already wrote the special tokens."""
-        text = self.apply_chat_template(messages, add_generation_prompt)
+        text = self.apply_chat_template(messages, add_generation_prompt, tools)
         return self.backend.encode(text, add_special_tokens=False).ids
 
 

@@ -11,6 +11,7 @@ The page's DOM hooks are listed in the header comment of webapp/static/chat/chat
 """
 
 import importlib.util
+import json
 import re
 import time
 
@@ -324,6 +325,29 @@ def test_top_p_cut_and_small_probabilities_in_the_card(server, browser):
                         assert p_temp_cell == "<0.1 %"
                     assert p_temp_cell not in ("0 %", "0.0 %"), "a probability reads as zero"
     assert cuts, "no card showed a token removed by top_p at top_p 0.5"
+
+
+def test_json_output_decodes_under_a_grammar_that_the_card_names(server, browser):
+    """Output "JSON object": the reply is a JSON object (the chat message asks for response_format), and
+    a card says "filtered: grammar" for the likely tokens the grammar removed."""
+    from selenium.webdriver.support.ui import Select
+
+    driver = browser(server.base)
+    record_sent_messages(driver)
+    Select(driver.find_element("id", "output-format")).select_by_value("json_object")
+    reply_in_token_view(driver, "Data please", temperature=1, top_p=1, top_k=0, min_p=0, max_tokens=200, seed=5)
+    assert sent_chats(driver)[-1]["settings"]["response_format"] == {"type": "json_object"}
+    finish = last_reply(driver).get_attribute("data-finish-reason")
+    text = last_reply(driver).find_element("css selector", ".reply-tokens").text
+    assert text.startswith("{")
+    if finish == "stop":  # a reply cut by max tokens may stop inside the object
+        assert isinstance(json.loads(text.replace("·", " ").replace("↵", "\n")), dict)
+    removed = []
+    for token in driver.find_elements("css selector", TOKENS)[:6]:
+        open_card_of(driver, token)
+        for rows in open_card_rows(driver):
+            removed += [r for r in rows if r["kind"] == "alt" and r["removed_by"] == "grammar"]
+    assert removed and all(not r["kept"] and r["struck"] and "grammar" in r["cells"][-1] for r in removed)
 
 
 def test_stop_cancels_generation(endless_server, browser):

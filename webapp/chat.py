@@ -1,7 +1,11 @@
-"""POST /v1/chat/completions: messages -> the model's chat template -> tokens -> a reply."""
+"""POST /v1/chat/completions: messages -> the model's chat template -> tokens -> a reply.
+
+With response_format or tools, the reply decodes under a grammar and tool calls are read back
+from its text (tools.py)."""
 
 from dataclasses import dataclass
 
+from webapp import tools
 from webapp.common import caller, include_usage, response_meta, sampling_params, usage
 from webapp.parsing import Blueprint
 from webapp.schemas import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
@@ -22,6 +26,7 @@ class ChatJob:
     logprobs: bool
     include_usage: bool
     log: object
+    calls: bool  # the reply may hold tool calls: read them back
 
 
 @blp.route("/chat/completions", methods=["POST"])
@@ -41,12 +46,14 @@ def prepare(body, who, explain=0):
 
     `who` is the serving.Caller; `explain` > 0 asks for each token's insight with that many
     alternatives (the web chat's token view)."""
-    tokenizer = who.model(body["model"]).engine.tokenizer
-    ids = tokenizer.encode_chat(body["messages"])
+    engine = who.model(body["model"]).engine
+    messages, template_tools = tools.prompt_messages(body, engine.tokenizer)
+    ids = engine.tokenizer.encode_chat(messages, tools=template_tools)
     params = sampling_params(body, None, bool(body["logprobs"]), body["top_logprobs"] or 0)
     params.explain = explain
+    params.grammar = tools.grammar_for(body, engine.grammars)
     return ChatJob(who.submit([ids], params), response_meta("chatcmpl", "chat.completion", who), params.n,
-                   params.logprobs, include_usage(body), who.log)
+                   params.logprobs, include_usage(body), who.log, bool(tools.active_tools(body)[0]))
 
 
 def logprob_entry(lp):
@@ -72,10 +79,21 @@ def complete(chat):
             logprobs[event.index].append(entry)
         finish[event.index] = event.finish_reason or finish[event.index]
     chat.log.usage = usage(chat.job.usages())
-    return {**chat.meta, "choices": [
-        {"index": i, "message": {"role": "assistant", "content": "".join(texts[i])},
-         "logprobs": {"content": logprobs[i]} if chat.logprobs else None, "finish_reason": finish[i]}
-        for i in range(chat.n)], "usage": chat.log.usage}
+    choices = []
+    for i in range(chat.n):
+        reply, finish_reason = message("".join(texts[i]), finish[i], chat.calls)
+        choices.append({"index": i, "message": reply, "logprobs": {"content": logprobs[i]} if chat.logprobs else None,
+                        "finish_reason": finish_reason})
+    return {**chat.meta, "choices": choices, "usage": chat.log.usage}
+
+
+def message(text, finish_reason, calls):
+    """A choice's message and finish_reason: with tool calls read back when the request had tools."""
+    content, tool_calls = tools.split_calls(text) if calls else (text, None)
+    if not tool_calls:
+        return {"role": "assistant", "content": content}, finish_reason
+    return ({"role": "assistant", "content": content, "tool_calls": tool_calls},
+            "tool_calls" if finish_reason == "stop" else finish_reason)
 
 
 def chunks(chat):
@@ -90,12 +108,16 @@ def chunks(chat):
 
     for i in range(chat.n):
         yield chunk(i, {"role": "assistant", "content": ""})
+    streams = [tools.CallDeltas() for _ in range(chat.n)] if chat.calls else None
     for item in chat.job.events():
         if item is None:
             yield None
             continue
         _, event = item
         entry = token_logprobs(event)
+        if streams is not None:  # content, or tool calls as they form
+            yield from call_chunks(chunk, streams[event.index], event, entry)
+            continue
         if not (event.text or entry or event.finish_reason):
             yield None  # a token that released no text yet (part of a character, or of a stop string)
             continue
@@ -104,3 +126,22 @@ def chunks(chat):
     chat.log.usage = usage(chat.job.usages())
     if chat.include_usage:
         yield {**meta, "choices": [], "usage": chat.log.usage}
+
+
+def call_chunks(chunk, stream, event, entry):
+    """The chunks of one event of a reply that may call tools (tools.CallDeltas); logprobs ride on
+    the first chunk, the finish reason ("tool_calls" once a call was sent) on the last."""
+    deltas = stream.push(event.text)
+    if event.finish_reason:
+        deltas += stream.finish()
+    logprobs = {"content": [entry]} if entry else None
+    if not deltas and (logprobs or event.finish_reason):
+        deltas = [{}]
+    if not deltas:
+        yield None
+    for k, delta in enumerate(deltas):
+        last = k == len(deltas) - 1
+        finish = event.finish_reason if last else None
+        if finish == "stop" and stream.calls:
+            finish = "tool_calls"
+        yield chunk(event.index, delta, logprobs if k == 0 else None, finish)

@@ -73,8 +73,9 @@ Client to server:
 - `{"type": "auth", "api_key": "KEY"}` when hello says `auth_required` (a browser cannot set an
   Authorization header on a WebSocket; a client that can may send it with the handshake instead)
 - `{"type": "chat", "id": "r1", "messages": [{"role": "user", "content": "Hi"}], "settings": {"temperature": 0.7,
-  "top_p": 0.95, "top_k": 40, "min_p": 0.05, "max_tokens": 256, "seed": 1}, "alternatives": 10}`: each setting
-  optional (null or absent: the API's default), alternatives 10 to 20 (optional, default 10)
+  "top_p": 0.95, "top_k": 40, "min_p": 0.05, "max_tokens": 256, "seed": 1, "response_format": {"type": "json_object"}},
+  "alternatives": 10}`: each setting optional (null or absent: the API's default), alternatives 10 to 20
+  (optional, default 10)
 - `{"type": "cancel", "id": "r1"}`: that reply ends at the next engine step (its done event says `canceled`)
 - `{"type": "inspect", "id": "i1", "request": {...}}`: look inside the model; `request` is a `POST /v1/inspect`
   body, checked and limited the same way
@@ -84,7 +85,8 @@ Server to client:
 - `{"type": "hello", "protocol": 1, "model": "...", "auth_required": false}` on connect
 - one `{"type": "token", "id", "index", "token_id", "text", "bytes", "offset", "delta", "special", "p",
   "logprob", "rank", "alternatives": [{"token_id", "text", "bytes", "special", "p", "p_temp", "kept",
-  "removed_by", "chosen"}, ...], "other_p", "other_p_temp", "top_p_cut"}` per generated token: appending the
+  "removed_by", "chosen"}, ...], "other_p", "other_p_temp", "top_p_cut"}` per generated token (removed_by: null,
+  "grammar", "temperature", "top_k", "top_p" or "min_p"): appending the
   deltas gives the reply; p, logprob and rank are the model's raw distribution
 - `{"type": "done", "id", "finish_reason": "stop" | "length" | "canceled", "content", "usage", "request_id"}`:
   request_id names the reply's line in the server's log

@@ -7,13 +7,14 @@ misunderstood rather than guess:
 - JSON types are exact: 3.0 is not an integer, "3" is not a number, 1 is not a boolean.
 - A field may be null wherever OpenAI allows it to be omitted; null means "the default".
 - Unknown fields are ignored (as mistral.rs and the OpenAI clients' extra fields expect), but
-  the OpenAI features this server does not implement (tools, functions, response_format other
-  than text, suffix, best_of > 1) are refused with 400, so that a request is never silently
+  the OpenAI features this server does not implement (the deprecated functions and
+  function_call, suffix, best_of > 1) are refused with 400, so that a request is never silently
   answered as something other than what it asked for.
 
 Limits this server chooses where neither OpenAI nor mistral.rs sets one: n <= 16 (each choice
 keeps its own KV cache on a CPU), at most 64 prompts per completions request, at most 16 stop
-sequences, at most 1024 logit_bias entries, top_logprobs and completions' logprobs up to 20.
+sequences, at most 1024 logit_bias entries, top_logprobs and completions' logprobs up to 20,
+at most 128 tools (OpenAI's limit).
 
 Each request schema's EXAMPLE is the body Swagger UI's "Try it out" starts from (meta.py puts it
 in the OpenAPI document): small and real, where a body built from the fields' defaults would be
@@ -29,7 +30,8 @@ from refimpl.sampling import MAX_STOP, MAX_STOP_CHARS, MAX_TOP_LOGPROBS
 
 MAX_PROMPTS = 64
 MAX_LOGIT_BIAS = 1024
-ROLES = ("system", "user", "assistant", "developer")
+ROLES = ("system", "user", "assistant", "developer", "tool")
+MAX_TOOLS = 128  # OpenAI's limit on tools per request
 
 
 # --- Strict JSON fields ---------------------------------------------------------------------
@@ -170,19 +172,87 @@ class TextPart(RequestSchema):
     text = String(required=True)
 
 
+class FunctionCall(RequestSchema):
+    name = String(required=True, validate=validate.Length(min=1))
+    arguments = String(required=True, metadata={"description": "The arguments, as a JSON text."})
+
+
+class ToolCall(RequestSchema):
+    id = String(required=True)
+    type = String(load_default="function", validate=validate.OneOf(["function"]))
+    function = fields.Nested(FunctionCall, required=True)
+
+
 class ChatMessage(RequestSchema):
     role = String(required=True, validate=validate.OneOf(ROLES),
                   metadata={"description": "developer is read as system."})
     content = Either(string=String(), array=fields.List(fields.Nested(TextPart), validate=validate.Length(min=1)),
-                     required=True, metadata={"description": "The text, or a list of text parts (joined)."})
+                     allow_none=True, load_default=None,
+                     metadata={"description": "The text, or a list of text parts (joined); null only in an "
+                                              "assistant message with tool_calls."})
     name = optional(String, "Ignored by the chat template of most models.")
+    tool_calls = fields.List(fields.Nested(ToolCall), allow_none=True, load_default=None, validate=validate.Length(min=1),
+                             metadata={"description": "An assistant message's calls (its content may then be null)."})
+    tool_call_id = optional(String, "A tool message: the id of the call it answers.")
+
+    @validates_schema
+    def fields_of_the_role(self, data, **kwargs):
+        role, calls = data.get("role"), data.get("tool_calls")
+        if calls is not None and role != "assistant":
+            raise ValidationError(f"only an assistant message has tool_calls, not a {role} message", "tool_calls")
+        if data.get("content") is None and not calls:
+            raise ValidationError("is required (null only in an assistant message with tool_calls)", "content")
+        if role == "tool" and not data.get("tool_call_id"):
+            raise ValidationError("is required in a tool message: the id of the call it answers", "tool_call_id")
 
     @post_load
     def flatten(self, data, **kwargs):
         content = data["content"]
         if isinstance(content, list):
             content = "".join(part["text"] for part in content)
-        return {"role": "system" if data["role"] == "developer" else data["role"], "content": content}
+        message = {"role": "system" if data["role"] == "developer" else data["role"], "content": content}
+        if data["tool_calls"]:
+            message["tool_calls"] = [{"id": c["id"], "type": "function", "function": dict(c["function"])}
+                                     for c in data["tool_calls"]]
+        if data["role"] == "tool":
+            message["tool_call_id"] = data["tool_call_id"]
+        return message
+
+
+class JsonSchemaFormat(RequestSchema):
+    name = String(load_default="response", validate=validate.Regexp(r"^[A-Za-z0-9_-]{1,64}$"))
+    description = optional(String, "Ignored.")
+    schema = fields.Dict(required=True, metadata={"description": "The JSON schema the output is valid against."})
+    strict = optional(Boolean, "Always in effect: the output is valid by construction.")
+
+
+class ResponseFormat(RequestSchema):
+    type = String(required=True, validate=validate.OneOf(["text", "json_object", "json_schema"]))
+    json_schema = fields.Nested(JsonSchemaFormat, allow_none=True, load_default=None)
+
+    @validates_schema
+    def schema_with_its_type(self, data, **kwargs):
+        if data.get("type") == "json_schema" and data.get("json_schema") is None:
+            raise ValidationError("is required with type json_schema", "json_schema")
+
+
+class FunctionTool(RequestSchema):
+    name = String(required=True, validate=validate.Regexp(r"^[A-Za-z0-9_-]{1,64}$", error="must be 1 to 64 "
+                                                           "letters, digits, underscores or dashes"))
+    description = optional(String, "Shown to the model with the tool.")
+    parameters = fields.Dict(allow_none=True, load_default=None,
+                             metadata={"description": "A JSON schema of the arguments (default: none)."})
+    strict = optional(Boolean, "Always in effect: the arguments are valid by construction.")
+
+
+class Tool(RequestSchema):
+    type = String(required=True, validate=validate.OneOf(["function"]))
+    function = fields.Nested(FunctionTool, required=True)
+
+
+class NamedToolChoice(RequestSchema):
+    type = String(required=True, validate=validate.OneOf(["function"]))
+    function = fields.Nested(Schema.from_dict({"name": String(required=True)}), required=True)
 
 
 class StreamOptions(RequestSchema):
@@ -248,16 +318,37 @@ class ChatCompletionRequest(SamplingFields):
     logprobs = optional(Boolean, "Return the log-probability of each generated token.")
     top_logprobs = optional(Integer, f"With logprobs: also the 0 to {MAX_TOP_LOGPROBS} most likely tokens "
                                      "at each position.", validate=validate.Range(min=0, max=MAX_TOP_LOGPROBS))
-    tools = Unsupported(([],), "tool calls")
-    tool_choice = Unsupported(("none",), "tool calls")
-    functions = Unsupported(([],), "function calls")
-    function_call = Unsupported(("none",), "function calls")
-    response_format = Unsupported(({"type": "text"},), "structured output")
+    response_format = fields.Nested(ResponseFormat, allow_none=True, load_default=None, metadata={
+        "description": "text (default), json_object (any JSON object), or json_schema: the output is valid by "
+                       "construction (constrained decoding), unless max_tokens cuts it (finish_reason length)."})
+    tools = fields.List(fields.Nested(Tool), allow_none=True, load_default=None,
+                        validate=validate.Length(max=MAX_TOOLS),
+                        metadata={"description": f"Function tools (at most {MAX_TOOLS}): a call's arguments are "
+                                                 "valid against its parameters by construction."})
+    tool_choice = Either(string=String(validate=validate.OneOf(["none", "auto", "required"])),
+                         object=fields.Nested(NamedToolChoice), allow_none=True, load_default=None,
+                         metadata={"description": "none, auto (default with tools), required, or "
+                                                  '{"type": "function", "function": {"name": ...}}.'})
+    parallel_tool_calls = optional(Boolean, "Allow several calls in one reply (default true).")
+    functions = Unsupported(([],), "the deprecated functions; use tools")
+    function_call = Unsupported(("none",), "the deprecated function_call; use tool_choice")
 
     @validates_schema
     def top_logprobs_needs_logprobs(self, data, **kwargs):
         if data.get("top_logprobs") and not data.get("logprobs"):
             raise ValidationError("top_logprobs needs logprobs set to true", "top_logprobs")
+
+    @validates_schema
+    def tools_named(self, data, **kwargs):
+        tools, choice = data.get("tools") or [], data.get("tool_choice")
+        names = [tool["function"]["name"] for tool in tools]
+        if len(set(names)) < len(names):
+            raise ValidationError("two tools have the same name", "tools")
+        if isinstance(choice, dict) and choice["function"]["name"] not in names:
+            raise ValidationError(f"names the function {choice['function']['name']!r}, which is not in tools",
+                                  "tool_choice")
+        if choice in ("required",) and not tools:
+            raise ValidationError("required needs tools", "tool_choice")
 
     @post_load
     def as_messages(self, data, **kwargs):
@@ -397,16 +488,29 @@ class ChatLogprobs(ResponseSchema):
     content = nullable(fields.List, fields.Nested(TokenLogprob))
 
 
+class ResponseFunctionCall(ResponseSchema):
+    name = req(fields.String)
+    arguments = req(fields.String, metadata={"description": "The arguments as a JSON text, valid against the "
+                                                            "function's parameters."})
+
+
+class ResponseToolCall(ResponseSchema):
+    id = req(fields.String)
+    type = req(fields.String, metadata={"description": "function"})
+    function = req(fields.Nested, ResponseFunctionCall)
+
+
 class ResponseMessage(ResponseSchema):
     role = req(fields.String)
-    content = req(fields.String)
+    content = nullable(fields.String, metadata={"description": "null when the reply is only tool calls."})
+    tool_calls = fields.List(fields.Nested(ResponseToolCall), metadata={"description": "When the model calls tools."})
 
 
 class ChatChoice(ResponseSchema):
     index = req(fields.Integer)
     message = req(fields.Nested, ResponseMessage)
     logprobs = nullable(fields.Nested, ChatLogprobs)
-    finish_reason = req(fields.String, validate=validate.OneOf(["stop", "length"]))
+    finish_reason = req(fields.String, validate=validate.OneOf(["stop", "length", "tool_calls"]))
 
 
 class CompletionMeta(ResponseSchema):
@@ -422,9 +526,22 @@ class ChatCompletionResponse(CompletionMeta):
     usage = req(fields.Nested, CompletionUsage)
 
 
+class DeltaFunctionCall(ResponseSchema):
+    name = fields.String(metadata={"description": "In a call's first chunk only."})
+    arguments = fields.String(metadata={"description": "The next fragment of the arguments' JSON text."})
+
+
+class DeltaToolCall(ResponseSchema):
+    index = req(fields.Integer, metadata={"description": "Which call of the message this fragment belongs to."})
+    id = fields.String(metadata={"description": "In a call's first chunk only."})
+    type = fields.String(metadata={"description": "function, in a call's first chunk only."})
+    function = fields.Nested(DeltaFunctionCall)
+
+
 class ChatDelta(ResponseSchema):
     role = fields.String(metadata={"description": "In each choice's first chunk only."})
-    content = fields.String()
+    content = fields.String(allow_none=True)
+    tool_calls = fields.List(fields.Nested(DeltaToolCall))
 
 
 class ChatChunkChoice(ResponseSchema):

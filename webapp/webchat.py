@@ -8,7 +8,8 @@ are no in-band sentinel strings. Client to server:
                                                  set an Authorization header on a WebSocket)
     {"type": "chat", "id": "r1", "messages": [{"role": "user", "content": "Hi"}],
      "settings": {"temperature": 0.7, "top_p": 0.95, "top_k": 40, "min_p": 0.05,
-                  "max_tokens": 256, "seed": 1},  each optional; null or absent: the API default
+                  "max_tokens": 256, "seed": 1, "response_format": {"type": "json_object"}},
+                                                 each optional; null or absent: the API default
      "alternatives": 10}                         optional, 10 to 20
     {"type": "cancel", "id": "r1"}               stop that reply (its done event says "canceled")
     {"type": "inspect", "id": "i1", "request": {...}}   look inside the model: the request is a
@@ -91,6 +92,7 @@ class Settings(Strict):
     min_p = fields.Raw(allow_none=True)
     max_tokens = fields.Raw(allow_none=True)
     seed = fields.Raw(allow_none=True)
+    response_format = fields.Raw(allow_none=True)  # {"type": "json_object"}: the reply decodes under a grammar
 
 
 class Message(Strict):

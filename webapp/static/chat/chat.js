@@ -15,7 +15,8 @@
      {"type": "auth", "api_key": KEY}
          only when hello.auth_required (a browser cannot set an Authorization header on a WebSocket).
      {"type": "chat", "id": "r1", "messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...],
-      "settings": {"temperature", "top_p", "top_k", "min_p", "max_tokens", "seed"}, "alternatives": 10}
+      "settings": {"temperature", "top_p", "top_k", "min_p", "max_tokens", "seed", "response_format"},
+      "alternatives": 10}
          id: 1-64 chars, echoed on every event of this reply. Each setting optional; null or absent means
          the API default (temperature 1, top_p 1, top_k off (null or 0), min_p 0, max_tokens up to the
          context end, seed random). alternatives: 10..20, default 10. One chat at a time per socket: a
@@ -45,7 +46,8 @@
          probability of the token; rank: its 1-based rank by raw p. alternatives: the most likely tokens
          by raw p, most likely first, plus the chosen one appended if it is not among them; p_temp: the
          probability after temperature (before top-k/top-p/min-p); kept: survived the filters;
-         removed_by: null, "temperature", "top_k", "top_p" or "min_p" (the first filter that removed it).
+         removed_by: null, "grammar" (response_format's constraint), "temperature", "top_k", "top_p" or "min_p"
+         (the first that removed it).
          other_p / other_p_temp: the mass of every token not listed. top_p_cut: null when top_p is 1,
          else the setting and the mass (after temperature, among the top-k survivors) of the smallest
          most-likely set reaching it.
@@ -1278,6 +1280,8 @@ function readSettings() {
     }
     settings[key] = value;
   }
+  const format = $("output-format").value;
+  if (format !== "text") settings.response_format = {type: format}; // constrained decoding (a grammar)
   return settings;
 }
 
