@@ -95,8 +95,8 @@ class Grammars:
     def tool_calls(self, tools, required, parallel):
         """Tool calls in Hermes' form: <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>, one
         or more (parallel) in a row, each naming one of `tools` ({name: parameters schema}) with
-        arguments valid against its parameters. Unless `required`, plain text instead is allowed too
-        (text that does not start like a call)."""
+        arguments valid against its parameters. Unless `required`, plain text instead is allowed too:
+        text in which no call begins, so that every call in a reply is one the grammar checked."""
         one_of = [{"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
                    "required": ["name", "arguments"], "additionalProperties": False}
                   for name, parameters in tools.items()]
@@ -108,7 +108,7 @@ class Grammars:
             f"calls: {calls}",
             f"call: {json.dumps(TOOL_CALL_OPEN)} body {json.dumps(TOOL_CALL_CLOSE)}",
             f"body: %json{json.dumps({**call, 'x-guidance': JSON_OPTIONS})}",
-            f"TEXT: /(.|\\n)+/ & ~/{regex_literal(TOOL_CALL_OPEN.strip())}(.|\\n)*/",
+            f"TEXT: /(.|\\n)+/ & ~/(.|\\n)*{regex_literal(TOOL_CALL_OPEN.strip())}(.|\\n)*/",
         ])
         return self.compile("tool calls", lark)
 

@@ -116,7 +116,9 @@ def serve(model_path, model_id, host="127.0.0.1", port=8080, device="cpu", dev=F
         "worker_connections": max_connections,
         "keepalive": KEEPALIVE_SECONDS,
         "timeout": 0,
-        "graceful_timeout": 5,  # after drain(): for connections still open (their streams have ended)
+        # gunicorn's master kills a worker this long after it passed on SIGTERM: the drain (GRACE_SECONDS)
+        # must fit in it, or running streams are cut (at 15 tokens/s, an 80-token stream needs 5 s).
+        "graceful_timeout": GRACE_SECONDS + 5,
         "accesslog": None,  # our own line per request (app.py) instead
         "errorlog": "-",
         "loglevel": "info",

@@ -33,7 +33,6 @@ SYSTEM_PROMPT = (
     "For each function call return a json object with function name and arguments within "
     "<tool_call></tool_call> XML tags as follows:\n<tool_call>\n"
     '{{"name": <function-name>, "arguments": <args-dict>}}\n</tool_call>')
-CALL = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
 
 
 def active_tools(body):
@@ -117,23 +116,18 @@ def call_text(name, arguments):
 
 
 def split_calls(text):
-    """(content, tool_calls) of a finished reply: content None when the reply is only calls."""
-    calls = [tool_call(m.group(1)) for m in CALL.finditer(text)]
-    calls = [c for c in calls if c is not None]
-    if not calls:
-        return text, None
-    rest = CALL.sub("", text).strip()
-    return rest or None, calls
-
-
-def tool_call(body):
-    try:
-        call = json.loads(body)
-        name, arguments = call["name"], call["arguments"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    return {"id": new_call_id(), "type": "function",
-            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+    """(content, tool_calls) of a finished reply, read the way CallDeltas reads a stream, so that a
+    streamed reply and a whole one agree: calls when the text begins with one (content None then),
+    a call cut by max_tokens kept with the arguments written so far; else the text as content."""
+    stream = CallDeltas()
+    calls = []
+    for delta in stream.push(text) + stream.finish():
+        for part in delta.get("tool_calls", []):
+            if part["index"] == len(calls):
+                calls.append({"id": part["id"], "type": "function",
+                              "function": {"name": part["function"]["name"], "arguments": ""}})
+            calls[part["index"]]["function"]["arguments"] += part["function"]["arguments"]
+    return (None, calls) if calls else (text, None)
 
 
 def new_call_id():
@@ -144,7 +138,7 @@ class CallDeltas:
     """One streamed choice's text, turned into chat deltas as it comes: content, or tool calls.
 
     The grammar writes a call as <tool_call>\\n{"name": "NAME", "arguments": ARGS}\\n</tool_call> (compact
-    JSON, keys in that order), calls one per line, and plain text never starts like one. So text is
+    JSON, keys in that order), calls one per line, and plain text never holds one. So text is
     held only while it could still be the start of a call; a call's first delta carries its index,
     id and name once the name is complete, then each delta the next fragment of ARGS, holding back
     what could be the start of the call's end."""
@@ -201,8 +195,9 @@ class CallDeltas:
                 return out
 
     def finish(self):
-        """The deltas still held at the end of the reply (text that only looked like a call's start)."""
-        if self.mode is None and self.text:
+        """The deltas still held at the end of the reply: text that only looked like a call's start, or
+        a call cut (by max_tokens) before its name was complete."""
+        if (self.mode is None or (self.mode == "calls" and self.calls == 0 and not self.in_call)) and self.text:
             return [{"content": self.text}]
         return []
 
