@@ -49,18 +49,17 @@ The residual after the last block, taken by a hook on the last decoder layer, th
 norm and head gives those logits bit for bit (checked too).
 """
 
-import datetime
 import json
-import platform
 import sys
 import time
 import zlib
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from make_golden_logprobs import made_by  # golden/ is the script's folder, first on sys.path
 
 GOLDEN = Path(__file__).resolve().parent
 OUT = GOLDEN / "inspection"
@@ -75,19 +74,6 @@ CONVERSATION = [
     {"role": "user", "content": "What is the boiling point of water at sea level?"},
     {"role": "assistant", "content": "Water boils at 100 degrees Celsius (212 degrees Fahrenheit) at sea level."},
 ]
-
-
-def made_by(source):
-    """Provenance written at the top of every golden file."""
-    return {
-        "command": "make golden", "script": SCRIPT,
-        "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": version("transformers"),
-        "numpy": np.__version__, "gguf": version("gguf"),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": "cpu", "dtype": "float32", "attn_implementation": "eager",
-        "source": source,
-    }
 
 
 # ---------------------------------------------------------------- the parts of a model the lens needs
@@ -209,7 +195,7 @@ def make_file(model, ids, pairs, name, source, extra=None):
     causal = torch.tril(torch.ones(len(ids), len(ids), dtype=torch.bool))
     zeros = sum(int(((a[0] == 0) & causal).sum()) for a in out.attentions)
 
-    data = {"made_by": made_by(source), "model": name, **(extra or {}),
+    data = {"made_by": made_by(source, SCRIPT), "model": name, **(extra or {}),
             "input_ids": list(ids), "num_hidden_layers": L, "num_attention_heads": model.config.num_attention_heads,
             "top": TOP, "attention": attention, "lens": lens}
     OUT.mkdir(exist_ok=True)

@@ -114,10 +114,10 @@ def smallest_top_gap(case):
     return float((rows[:, :-1] - rows[:, 1:]).min())
 
 
-def made_by(source):
-    """Provenance written at the top of every golden file."""
+def made_by(source, script=SCRIPT):
+    """Provenance written at the top of every golden file (make_golden_inspection.py's too)."""
     return {
-        "command": "make golden", "script": SCRIPT,
+        "command": "make golden", "script": script,
         "python": platform.python_version(),
         "torch": torch.__version__, "transformers": version("transformers"),
         "numpy": np.__version__, "gguf": version("gguf"),
