@@ -34,7 +34,6 @@ class GrammarError(ValueError):
 class Grammar:
     """A compiled grammar for one request: each choice starts its own Matcher from it."""
 
-    name: str  # what a teaching view says removed a token: "json_object", "json_schema", "tool calls"
     source: str  # llguidance's grammar (JSON or Lark form)
     tokenizer: object  # the LLTokenizer it was checked against
 
@@ -77,20 +76,20 @@ class Grammars:
         self.tokenizer = LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size,
                                      eos_token=sorted(stop_ids) or None)
 
-    def compile(self, name, source):
+    def compile(self, source):
         """A Grammar, or GrammarError with the engine's message."""
         matcher = LLMatcher(self.tokenizer, source, log_level=0)
         if matcher.is_error():
             raise GrammarError(one_line(matcher.get_error()))
-        return Grammar(name, source, self.tokenizer)
+        return Grammar(source, self.tokenizer)
 
     def json_object(self):
         """OpenAI's JSON mode: any JSON object."""
-        return self.compile("json_object", json_grammar({"type": "object"}))
+        return self.compile(json_grammar({"type": "object"}))
 
     def json_schema(self, schema):
         """Output valid against a JSON schema (a dict)."""
-        return self.compile("json_schema", json_grammar(schema))
+        return self.compile(json_grammar(schema))
 
     def tool_calls(self, tools, required, parallel):
         """Tool calls in Hermes' form: <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>, one
@@ -110,7 +109,7 @@ class Grammars:
             f"body: %json{json.dumps({**call, 'x-guidance': JSON_OPTIONS})}",
             f"TEXT: /(.|\\n)+/ & ~/(.|\\n)*{regex_literal(TOOL_CALL_OPEN.strip())}(.|\\n)*/",
         ])
-        return self.compile("tool calls", lark)
+        return self.compile(lark)
 
 
 def json_grammar(schema):
