@@ -1,10 +1,11 @@
-"""The model families, keyed by config.json's `model_type`, and the two calls the rest of refimpl makes.
+"""The model families, keyed by config.json's `model_type`, and the calls the rest of refimpl makes.
 
 Each family is one module of this package (listed in FAMILIES by the model_types it serves, which
 it also names in its MODEL_TYPES) that owns everything particular to it: the config
 fields it reads (its Config class, with from_dict), the tensors its checkpoint holds (expected_shapes), how it
-lays them out (load_weights), and its forward pass. The engine and generation call only
-`load_model` and `forward(model, tokens, caches, all_logits)`, whatever the family.
+lays them out (load_weights), its forward pass, and its output_logits (the final norm and head alone,
+which the logit lens applies to every layer). The engine and generation call only `load_model` and
+`forward(model, tokens, caches, all_logits)`, whatever the family; inspection.py also `output_logits`.
 """
 
 import importlib
