@@ -255,7 +255,7 @@ def cmd_compare(args):
 
 
 def cmd_tokenize(args):
-    from refimpl.explain import token_text
+    from refimpl.explain import token_label
     from refimpl.pull import resolve_model
     from refimpl.tokenizer import Tokenizer
 
@@ -265,8 +265,7 @@ def cmd_tokenize(args):
         print(tokenizer.decode(ids))
     print(f"{'pos':>5} {'id':>7}  {'piece':<24} bytes")
     for pos, token_id in enumerate(ids):
-        text, raw = token_text(tokenizer, token_id)
-        special = token_id in tokenizer.special_ids
+        text, raw, special = token_label(tokenizer, token_id)
         print(f"{pos:5d} {token_id:7d}  {text!r:<24} {'(special)' if special else bytes(raw).hex(' ')}")
     print(f"{len(ids)} tokens, {len(args.text.encode())} bytes of text")
     return 0

@@ -140,7 +140,7 @@ class Probe:
     only at the positions asked for."""
 
     def __init__(self, xp, asked):
-        self.xp, self.asked = xp, asked
+        self.xp = xp
         self.keep_residual = asked.top is not None
         self.positions = set(asked.positions)
         self.heads = {}  # layer -> the heads of it asked for

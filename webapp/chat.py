@@ -47,13 +47,14 @@ def prepare(body, who, explain=0):
     `who` is the serving.Caller; `explain` > 0 asks for each token's insight with that many
     alternatives (the web chat's token view)."""
     engine = who.model(body["model"]).engine
-    messages, template_tools = tools.prompt_messages(body, engine.tokenizer)
+    offered, required = tools.active_tools(body)
+    messages, template_tools = tools.prompt_messages(body, offered, engine.tokenizer)
     ids = engine.tokenizer.encode_chat(messages, tools=template_tools)
     params = sampling_params(body, None, bool(body["logprobs"]), body["top_logprobs"] or 0)
     params.explain = explain
-    params.grammar = tools.grammar_for(body, engine.grammars)
+    params.grammar = tools.grammar_for(body, offered, required, engine.grammars)
     return ChatJob(who.submit([ids], params), response_meta("chatcmpl", "chat.completion", who), params.n,
-                   params.logprobs, include_usage(body), who.log, bool(tools.active_tools(body)[0]))
+                   params.logprobs, include_usage(body), who.log, bool(offered))
 
 
 def logprob_entry(lp):

@@ -11,6 +11,7 @@ from refimpl import __version__
 from refimpl.sampling import SamplingParams
 
 from webapp import serving
+from webapp.errors import ApiError
 from webapp.serving import Caller, Client
 
 SYSTEM_FINGERPRINT = f"refimpl-{__version__}"
@@ -67,6 +68,14 @@ def sampling_params(body, default_max_tokens, logprobs, top_logprobs):
         n=given("n", 1), stop=[s for s in stop if isinstance(s, str)],
         stop_token_ids=[s for s in stop if isinstance(s, int)],
         logprobs=logprobs, top_logprobs=top_logprobs)
+
+
+def prompt_token_ids(prompt, vocab_size):
+    """A prompt given as token ids, checked against the model's vocabulary (400 naming the first outside it)."""
+    if bad := [t for t in prompt if t >= vocab_size]:
+        raise ApiError(400, f"prompt: token id {bad[0]} is not in this model's vocabulary (0..{vocab_size - 1})",
+                       "prompt", "invalid_value")
+    return list(prompt)
 
 
 def include_usage(body):

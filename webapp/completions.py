@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from refimpl.explain import token_text
 
-from webapp.common import caller, include_usage, response_meta, sampling_params, usage
+from webapp.common import caller, include_usage, prompt_token_ids, response_meta, sampling_params, usage
 from webapp.errors import ApiError
 from webapp.parsing import Blueprint
 from webapp.schemas import CompletionRequest, CompletionResponse
@@ -74,11 +74,8 @@ def tokenized(prompt, engine, first_index):
     if isinstance(prompt, str):
         ids, text = engine.tokenizer.encode(prompt), prompt
     else:
-        vocab_size = engine.model.config.vocab_size
-        if bad := [t for t in prompt if t >= vocab_size]:
-            raise ApiError(400, f"prompt: token id {bad[0]} is not in this model's vocabulary (0..{vocab_size - 1})",
-                           "prompt", "invalid_value")
-        ids, text = prompt, engine.tokenizer.decode(prompt)
+        ids = prompt_token_ids(prompt, engine.model.config.vocab_size)
+        text = engine.tokenizer.decode(ids)
     if not ids:
         raise ApiError(400, "prompt: the prompt is empty; at least one token is needed", "prompt", "invalid_value")
     return Prompt(first_index, ids, text)

@@ -22,7 +22,7 @@ from flask import current_app
 from refimpl import inspection
 from refimpl.explain import token_text
 
-from webapp.common import caller
+from webapp.common import caller, prompt_token_ids
 from webapp.errors import ApiError
 from webapp.parsing import Blueprint
 from webapp.schemas import InspectRequest, InspectResponse
@@ -80,10 +80,7 @@ def prompt_ids(body, tokenizer, vocab_size):
         prompt = body["prompt"]
         if isinstance(prompt, str):
             return tokenizer.encode(prompt), None
-        if bad := [t for t in prompt if t >= vocab_size]:
-            raise ApiError(400, f"prompt: token id {bad[0]} is not in this model's vocabulary (0..{vocab_size - 1})",
-                           "prompt", "invalid_value")
-        return list(prompt), None
+        return prompt_token_ids(prompt, vocab_size), None
     messages, generation = body["messages"], bool(body["add_generation_prompt"])
     ids = tokenizer.encode_chat(messages, generation)
     return ids, message_spans(tokenizer, messages, ids)

@@ -46,9 +46,9 @@ def active_tools(body):
         choice is not None and choice != "auto"
 
 
-def grammar_for(body, grammars):
-    """The grammar the reply decodes under (refimpl.grammar.Grammar), or None; 400 if it cannot compile."""
-    tools, required = active_tools(body)
+def grammar_for(body, tools, required, grammars):
+    """The grammar the reply decodes under (refimpl.grammar.Grammar), or None; 400 if it cannot compile.
+    tools, required: active_tools(body)."""
     response_format = body["response_format"] or {"type": "text"}
     if tools and response_format["type"] != "text":
         raise ApiError(400, "response_format: a JSON response format and tool calls cannot be combined; "
@@ -68,9 +68,9 @@ def grammar_for(body, grammars):
     return None
 
 
-def prompt_messages(body, tokenizer):
-    """(messages, tools) to render: the template's own tools, or the system message of SYSTEM_PROMPT."""
-    tools, _ = active_tools(body)
+def prompt_messages(body, tools, tokenizer):
+    """(messages, tools) to render: the template's own tools, or the system message of SYSTEM_PROMPT.
+    tools: the active ones ({name: parameters})."""
     listed = [t for t in body["tools"] or [] if t["function"]["name"] in tools]
     if tokenizer.template_takes_tools:
         return [with_parsed_arguments(m) for m in body["messages"]], listed or None
